@@ -1,0 +1,65 @@
+"""Adversarial weight perturbation (Wu et al. 2020), as the paper's runs use it with TRADES/GKL."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+_EPS = 1e-20
+
+ObjectiveFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "dict[str, Tensor]"]
+
+
+class AWP:
+    """Perturbs a model's weights towards higher training loss before each training step.
+
+    `perturb(...)` copies the model into a proxy, takes one SGD step on the proxy that ascends the
+    objective's "loss", rescales each weight's (>= 2-dim parameters) change to that weight's norm
+    and adds `gamma` times it to the model; `restore(diff)` subtracts it again after the optimizer
+    step. Active from epoch `warmup_epochs` on (epochs count from 1), when gamma > 0.
+    """
+
+    def __init__(self, model: nn.Module, *, gamma: float = 0.005, warmup_epochs: int = 10) -> None:
+        if gamma < 0 or warmup_epochs < 0:
+            raise ValueError("gamma and warmup_epochs must be >= 0")
+        self.model, self.gamma, self.warmup_epochs = model, gamma, warmup_epochs
+        self.proxy = copy.deepcopy(model)
+        self._proxy_sgd = torch.optim.SGD(self.proxy.parameters(), lr=1.0)
+
+    def active(self, epoch: int) -> bool:
+        return self.gamma > 0 and epoch >= self.warmup_epochs
+
+    def _weights(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in module.named_parameters() if p.dim() >= 2}
+
+    def perturb(self, objective: ObjectiveFn, x_nat: Tensor, x_adv: Tensor, y: Tensor,
+                prior_rows: Tensor | None, *, lr: float) -> dict[str, Tensor]:
+        """Perturb the model in place; returns the per-weight direction to pass to `restore`."""
+        self.proxy.load_state_dict(self.model.state_dict())
+        self.proxy.train()
+        out = objective(self.proxy(x_nat), self.proxy(x_adv), y, prior_rows)
+        self._proxy_sgd.param_groups[0]["lr"] = lr
+        self._proxy_sgd.zero_grad(set_to_none=True)
+        (-out["loss"]).backward()
+        self._proxy_sgd.step()
+        model_weights = self._weights(self.model)
+        diff = {}
+        with torch.no_grad():
+            for name, proxy_w in self._weights(self.proxy).items():
+                w = model_weights[name]
+                change = proxy_w - w
+                diff[name] = change * (w.norm() / (change.norm() + _EPS))
+            self._add(diff, self.gamma)
+        return diff
+
+    def restore(self, diff: dict[str, Tensor]) -> None:
+        """Undo `perturb` (after the optimizer step)."""
+        with torch.no_grad():
+            self._add(diff, -self.gamma)
+
+    def _add(self, diff: dict[str, Tensor], coeff: float) -> None:
+        for name, w in self._weights(self.model).items():
+            w.add_(diff[name], alpha=coeff)

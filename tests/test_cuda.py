@@ -1,0 +1,110 @@
+"""The algorithm core on a CUDA GPU: exactness, bf16 autocast, invariants (skipped without CUDA)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from advgkl.attacks import PGDAttack
+from advgkl.awp import AWP
+from advgkl.losses import build_objective, gkl_loss
+from advgkl.priors import ClassPrior
+from advgkl.reference import pairwise_gkl_loss
+
+pytestmark = pytest.mark.cuda
+DEVICE = "cuda"
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 10)).to(DEVICE)
+
+
+def batch(n=32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, 16, 16, generator=g).to(DEVICE)
+    return x, torch.randint(0, 10, (n,), generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("classes", [10, 100, 1000])
+def test_gkl_equals_pairwise_on_gpu_in_float64(classes):
+    g = torch.Generator().manual_seed(classes)
+    adv = torch.randn(8, classes, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    nat = torch.randn(8, classes, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    prior = torch.softmax(torch.randn(8, classes, generator=g, dtype=torch.float64), 1).to(DEVICE)
+    kw = dict(alpha=4.0, beta=20.0, gamma=0.4, temperature=2.0)
+    ours = gkl_loss(adv, nat, prior, **kw)
+    ref = pairwise_gkl_loss(adv, nat, prior, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, [adv, nat]), torch.autograd.grad(ref, [adv, nat])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades", "ikl", "gkl"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_autocast_training_step(method, channels_last):
+    model = small_net()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x, y = batch()
+    prior = ClassPrior(10, device=DEVICE)
+    x_adv = PGDAttack(eps=8 / 255, step_size=2 / 255, steps=3)(model, x, y)
+    objective = build_objective(method, gamma=0.4)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        logits_nat, logits_adv = model(x), model(x_adv)
+        out = objective(logits_nat, logits_adv, y, prior.rows(y))
+    assert logits_nat.dtype == torch.bfloat16 and out["loss"].dtype == torch.float32
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        fp32 = objective(*(model(t) for t in (x, x_adv)), y, prior.rows(y))["loss"]
+    assert abs(out["loss"].item() - fp32.item()) < 0.05 * abs(fp32.item()) + 1e-2
+
+
+def test_channels_last_attack_matches_contiguous():
+    model = small_net().eval()
+    x, y = batch()
+    attack = PGDAttack(eps=8 / 255, step_size=2 / 255, steps=3, random_start="none",
+                       objective="ce")
+    ref = attack(model, x, y)
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    ours = attack(cl_model, x.contiguous(memory_format=torch.channels_last), y)
+    # sign steps can flip where a gradient entry is ~0; nearly all pixels must agree
+    assert (ours - ref).abs().le(1e-6).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("norm, eps", [("Linf", 8 / 255), ("L2", 0.5)])
+def test_attack_invariants_on_gpu(norm, eps):
+    model = small_net().train()
+    x, y = batch()
+    x_adv = PGDAttack(eps=eps, step_size=eps / 4, steps=5, norm=norm)(model, x, y)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert x_adv.device.type == "cuda" and 0 <= x_adv.min() and x_adv.max() <= 1
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-5).all()
+
+
+def test_prior_on_gpu_matches_cpu():
+    g = torch.Generator().manual_seed(2)
+    logits, y = torch.randn(64, 10, generator=g), torch.randint(0, 10, (64,), generator=g)
+    gpu, cpu = ClassPrior(10, temperature=4.0, device=DEVICE), ClassPrior(10, temperature=4.0)
+    gpu.update(logits.to(DEVICE), y.to(DEVICE))
+    cpu.update(logits, y)
+    gpu.end_epoch()
+    cpu.end_epoch()
+    torch.testing.assert_close(gpu.prior.cpu(), cpu.prior)
+
+
+def test_awp_restores_on_gpu():
+    model = small_net()
+    x, y = batch()
+    before = copy.deepcopy(model.state_dict())
+    awp = AWP(model, gamma=0.005)
+    diff = awp.perturb(build_objective("gkl"), x, x, y, ClassPrior(10, device=DEVICE).rows(y),
+                       lr=0.2)
+    awp.restore(diff)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=1e-6, atol=1e-7)
