@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from advgkl import __version__
-from advgkl.config import dump_config, load_config
 from advgkl.errors import UserError
 
 
+# Commands import what they need, so `advgkl --version` and `advgkl config` start fast.
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
+    from advgkl.config import dump_config, load_config
+
     sys.stdout.write(dump_config(load_config(args.config, args.overrides)))
+    return 0
+
+
+def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from advgkl.checkpoint import import_checkpoint, save_checkpoint
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose another --out (nothing was overwritten)")
+    ckpt = import_checkpoint(args.src, arch=args.arch, num_classes=args.num_classes)
+    save_checkpoint(out, ckpt)
+    print(f"wrote {out}: {args.arch}, {args.num_classes} classes, {len(ckpt['model'])} tensors")
     return 0
 
 
@@ -29,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="overrides, e.g. attack.eps=8/255 train.epochs=10")
     config.set_defaults(func=_cmd_config)
+
+    imp = commands.add_parser(
+        "import-checkpoint", help="turn a foreign weights file into an advgkl checkpoint",
+        description="Import a plain state dict (the paper's files, RobustBench zoo files; "
+                    "possibly wrapped in state_dict/model_state_dict, with module. prefixes), "
+                    "verify it loads into --arch, and save it as a self-describing checkpoint. "
+                    "The file is read with weights_only=True: nothing in it can run code.")
+    imp.add_argument("src", metavar="SRC", help="foreign .pt/.pth file")
+    imp.add_argument("--arch", required=True, help="registered model name, e.g. wrn-34-10")
+    imp.add_argument("--num-classes", type=int, required=True)
+    imp.add_argument("--out", required=True, help="output checkpoint path (must not exist)")
+    imp.set_defaults(func=_cmd_import_checkpoint)
     return parser
 
 

@@ -37,6 +37,8 @@ def install_autoattack_adapter() -> bool:
 def import_robustbench() -> ModuleType:
     """`import robustbench`, with the adapter in place when needed."""
     install_autoattack_adapter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # its dependencies' deprecation notices are not the user's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
         return importlib.import_module("robustbench")

@@ -1,0 +1,57 @@
+"""The RobustBench architecture class each of our registered models corresponds to."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor, nn
+
+from advgkl.checkpoint import CheckpointError, model_from_checkpoint
+from advgkl.compat import import_robustbench
+from advgkl.models import WRN_PATTERN, dm_normalization
+
+
+def robustbench_constructor(arch: str, num_classes: int) -> str:
+    """The model-zoo constructor call, as source text (for RobustBench's model_zoo/<dataset>.py)."""
+    match = WRN_PATTERN.fullmatch(arch)
+    if not match:
+        raise ValueError(f"{arch}: no RobustBench architecture corresponds to it; "
+                         "use a wrn-<depth>-<width>[-swish] model for a submission")
+    depth, width = int(match.group(1)), int(match.group(2))
+    if match.group(3):
+        prefix = "CIFAR100" if num_classes == 100 else "CIFAR10"
+        return (f"DMWideResNet(num_classes={num_classes}, depth={depth}, width={width}, "
+                f"activation_fn=nn.SiLU, mean={prefix}_MEAN, std={prefix}_STD)")
+    return (f"WideResNet(depth={depth}, widen_factor={width}, num_classes={num_classes}, "
+            f"sub_block1=False)")
+
+
+def robustbench_model(arch: str, num_classes: int) -> nn.Module:
+    """RobustBench's own module for `arch` (built by its code), to verify exported weights."""
+    source = robustbench_constructor(arch, num_classes)
+    import_robustbench()
+    from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+    norm = dm_normalization(num_classes)
+    prefix = "CIFAR100" if num_classes == 100 else "CIFAR10"
+    namespace = {"DMWideResNet": DMWideResNet, "WideResNet": WideResNet, "nn": nn,
+                 f"{prefix}_MEAN": norm["mean"], f"{prefix}_STD": norm["std"]}
+    return eval(source, namespace)  # our own constructor text, never user input
+
+
+def export_for_robustbench(ckpt: Mapping[str, Any], *, weights: str = "model") -> dict[str, Tensor]:
+    """The checkpoint's `weights` as a plain state dict, verified by loading it into RobustBench's
+    class for the architecture with strict=True and checking that both give the same outputs."""
+    import torch
+
+    ours = model_from_checkpoint(ckpt, weights=weights).eval()
+    state = {k: v.detach().clone() for k, v in ours.state_dict().items()}
+    theirs = robustbench_model(ckpt["arch"], ckpt["num_classes"]).eval()
+    theirs.load_state_dict(state, strict=True)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.allclose(ours(x), theirs(x), rtol=1e-4, atol=1e-5):
+            raise CheckpointError(f"{ckpt['arch']}: RobustBench's class gives other outputs for "
+                                  "these weights; the export would not reproduce the model")
+    return state
