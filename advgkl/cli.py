@@ -33,6 +33,27 @@ def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from advgkl.config import load_config
+    from advgkl.train import run_dir_for, train
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise UserError("--resume continues a run with its saved config.yaml; "
+                            "pass no CONFIG or overrides with it")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir}: not a run folder (no config.yaml); nothing to resume")
+        cfg = load_config(run_dir / "config.yaml")
+        train(cfg, run_dir, resume=True)
+        return 0
+    if not args.config:
+        raise UserError("give a CONFIG file, or --resume RUN_DIR")
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, run_dir_for(cfg, args.config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="advgkl", description="Adversarial training with GKL/IKL and AutoAttack evaluation.")
@@ -46,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="overrides, e.g. attack.eps=8/255 train.epochs=10")
     config.set_defaults(func=_cmd_config)
+
+    train = commands.add_parser(
+        "train", help="adversarial training from a config (or resume a run)",
+        description="Train CONFIG (with section.key=value overrides) into "
+                    "run.out_dir/run.name (default checkpoints/<config name>/), or continue an "
+                    "interrupted run from its last.pt with --resume RUN_DIR.")
+    train.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config file")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from last.pt")
+    train.set_defaults(func=_cmd_train)
 
     imp = commands.add_parser(
         "import-checkpoint", help="turn a foreign weights file into an advgkl checkpoint",

@@ -39,7 +39,12 @@ class DataConfig:
     root: str = opt("data", doc="folder holding the torchvision data sets")
     download: bool = opt(False, doc="let torchvision download a missing data set")
     augment: str = opt("basic", choices=("none", "basic", "autoaugment", "cutout"))
+    two_view: bool = opt(False, doc="train on a basic view and an `augment` view of each image")
+    aug_weight: float = opt(1.0, ge=0, doc="weight of the augmented view's robust term")
     num_workers: int = opt(4, ge=0)
+    generated: str = opt("", doc="generated images (.npz with image, label); empty: none")
+    generated_fraction: float = opt(0.0, ge=0, le=1, doc="share of generated images per batch")
+    epoch_samples: int = opt(0, ge=0, doc="samples per epoch with generated data; 0: train set size")
 
 
 @dataclass
@@ -88,10 +93,14 @@ class TrainConfig:
     lr_warmup_epochs: int = opt(0, ge=0)
     lr_milestones: list[int] = opt([100, 150], doc="epochs where piecewise divides lr by 10")
     momentum: float = opt(0.9, ge=0, lt=1)
-    nesterov: bool = opt(True)
+    nesterov: bool = opt(False)
     weight_decay: float = opt(5e-4, ge=0)
+    no_decay_bn_bias: bool = opt(False, doc="exempt BatchNorm weights and biases from decay")
     ema_tau: float = opt(0.9996, ge=0, lt=1)
-    ema_start_epoch: int = opt(150, ge=0)
+    ema_start_epoch: int = opt(150, ge=0, doc="EMA copies the weights in this epoch, then averages; "
+                                                      "past train.epochs: no EMA")
+    ema_warmup: bool = opt(False, doc="decay min(tau, (1+n)/(10+n)) after n updates (DM-AT)")
+    select_with_ema: bool = opt(True, doc="evaluate and pick best.pt with the EMA once it runs")
     seed: int = opt(0, ge=0)
     device: str = opt("auto", doc="auto, cpu, cuda or cuda:N")
 

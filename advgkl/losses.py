@@ -173,3 +173,14 @@ def build_objective(method: str, *, alpha: float = 4.0, beta: float = 20.0, gamm
                     temperature: float = 1.0) -> Objective:
     """The objective callable `(logits_nat, logits_adv, y, prior_rows) -> dict(loss, ce, robust)`."""
     return Objective(method=method, alpha=alpha, beta=beta, gamma=gamma, temperature=temperature)
+
+
+def combine_views(basic: dict[str, Tensor], augmented: dict[str, Tensor],
+                  aug_weight: float) -> dict[str, Tensor]:
+    """One objective dict for a batch of two equal-sized views (basic, augmented), as in the
+    paper's AutoAugment runs: the clean terms averaged over both views (CE over the whole batch),
+    robust = robust(basic) + aug_weight * robust(augmented)."""
+    robust = basic["robust"] + aug_weight * augmented["robust"]
+    clean_part = ((basic["loss"] - basic["robust"]) + (augmented["loss"] - augmented["robust"])) / 2
+    return {"loss": clean_part + robust, "ce": (basic["ce"] + augmented["ce"]) / 2,
+            "robust": robust}

@@ -108,3 +108,19 @@ def test_awp_restores_on_gpu():
     awp.restore(diff)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=1e-6, atol=1e-7)
+
+
+def test_one_training_epoch_on_the_gpu(tmp_path):
+    from pathlib import Path
+
+    from advgkl.checkpoint import load_checkpoint
+    from advgkl.config import load_config
+    from advgkl.train import train
+
+    demo = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
+    cfg = load_config(demo, ["train.device=cuda", "train.epochs=2", "train.ema_start_epoch=1",
+                             "awp.gamma=0.005", "awp.warmup_epochs=1"])
+    metrics = train(cfg, tmp_path / "run", echo=False)
+    assert metrics["clean_acc"] > 0.5
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())  # loads anywhere

@@ -1,0 +1,135 @@
+"""Data sets as uint8 image tensors, and the training augmentations.
+
+- cifar10 / cifar100: torchvision's files (downloaded only when asked); test order is
+  torchvision's, which is RobustBench's.
+- digits: scikit-learn's bundled handwritten digits (real data, offline), 8x8 gray images scaled
+  to 16x16 RGB, split 80/20 with a fixed seed, stratified by class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision.transforms.v2 as T
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from advgkl.errors import UserError
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+_CIFAR = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py",
+                "data_batch_1..5, test_batch, batches.meta"),
+    "cifar100": ("CIFAR100", "cifar-100-python", "train, test, meta"),
+}
+DIGITS_SIZE = 16
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclass
+class Split:
+    """Images (N, 3, H, W) uint8 and labels (N,) int64, in the data set's own order."""
+
+    images: Tensor
+    labels: Tensor
+
+
+def _load_cifar(name: str, root: str, train: bool, download: bool) -> Split:
+    import torchvision.datasets as D
+
+    cls_name, folder, files = _CIFAR[name]
+    try:
+        ds = getattr(D, cls_name)(root=root, train=train, download=download)
+    except RuntimeError as exc:
+        raise UserError(f"{name}: no data set in {Path(root) / folder} (expected files: {files}); "
+                        f"put it there or set data.download=true ({exc})") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return Split(images, torch.tensor(ds.targets, dtype=torch.int64))
+
+
+def _load_digits(train: bool) -> Split:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    idx_train, idx_test = train_test_split(range(len(digits.target)), test_size=0.2,
+                                           random_state=DIGITS_SPLIT_SEED, stratify=digits.target)
+    idx = torch.tensor(idx_train if train else idx_test)
+    gray = torch.from_numpy(digits.images).float()[idx] / 16.0          # (N, 8, 8) in [0, 1]
+    gray = torch.nn.functional.interpolate(gray[:, None], size=DIGITS_SIZE, mode="bilinear",
+                                           align_corners=False)
+    images = (gray.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return Split(images, torch.from_numpy(digits.target)[idx].long())
+
+
+def load_split(dataset: str, *, train: bool, root: str = "data", download: bool = False) -> Split:
+    """The train or test split of `dataset` as uint8 tensors."""
+    if dataset == "digits":
+        return _load_digits(train)
+    if dataset in _CIFAR:
+        return _load_cifar(dataset, root, train, download)
+    raise UserError(f"data.dataset: {dataset!r} is not one of {', '.join(NUM_CLASSES)}")
+
+
+class Cutout:
+    """Zero one square of side `length` centred at a uniformly random pixel (DeVries & Taylor)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __call__(self, img: Tensor) -> Tensor:
+        h, w = img.shape[-2:]
+        cy, cx = (int(torch.randint(h, ())), int(torch.randint(w, ())))
+        half = self.length // 2
+        img = img.clone()
+        img[..., max(cy - half, 0):cy + half, max(cx - half, 0):cx + half] = 0
+        return img
+
+
+def to_unit_float(images: Tensor) -> Tensor:
+    """uint8 images -> float32 in [0, 1], dividing by 255 exactly as torchvision's ToTensor."""
+    return images.float().div(255)
+
+
+def image_transform(augment: str, size: int) -> Callable[[Tensor], Tensor]:
+    """uint8 (3, H, W) -> float (3, H, W) in [0, 1], with `augment` applied."""
+    to_float = to_unit_float
+    if augment == "none":
+        return to_float
+    basic = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()]
+    if augment == "basic":
+        return T.Compose([*basic, to_float])
+    if augment == "autoaugment":
+        return T.Compose([*basic, T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), to_float])
+    if augment == "cutout":
+        return T.Compose([*basic, to_float, Cutout(size // 2)])
+    raise UserError(f"data.augment: {augment!r} is not one of none, basic, autoaugment, cutout")
+
+
+class ImageDataset(Dataset):
+    """A Split with a transform; with `second` it yields ((view, second view), label)."""
+
+    def __init__(self, split: Split, transform: Callable[[Tensor], Tensor],
+                 second: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.split, self.transform, self.second = split, transform, second
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, i: int):
+        img, label = self.split.images[i], self.split.labels[i]
+        if self.second is None:
+            return self.transform(img), label
+        return (self.transform(img), self.second(img)), label
+
+
+def train_dataset(split: Split, *, augment: str, two_view: bool) -> ImageDataset:
+    """Single view with `augment`, or (basic view, `augment` view) pairs as in the paper's
+    AutoAugment runs."""
+    size = split.images.shape[-1]
+    if two_view:
+        return ImageDataset(split, image_transform("basic", size), image_transform(augment, size))
+    return ImageDataset(split, image_transform(augment, size))

@@ -1,0 +1,50 @@
+"""Weight EMA: an averaged copy of all parameters and buffers."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class WeightEMA:
+    """EMA of a model's state, as in the paper's code: during epoch `start_epoch` the copy follows
+    the weights; from the next epoch on, after each step, ema <- decay * ema + (1 - decay) * w.
+    decay = tau, or min(tau, (1 + n) / (10 + n)) after n averaging steps with `warmup` (DM-AT).
+    Integer buffers (BatchNorm's step counter) are copied. Epochs count from 1."""
+
+    def __init__(self, model: nn.Module, *, tau: float, start_epoch: int,
+                 warmup: bool = False) -> None:
+        if not 0 <= tau < 1:
+            raise ValueError(f"tau: {tau} must be in [0, 1)")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.tau, self.start_epoch, self.warmup = tau, start_epoch, warmup
+        self.started = False
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, epoch: int) -> None:
+        if epoch < self.start_epoch:
+            return
+        ours, theirs = self.module.state_dict(), model.state_dict()
+        if epoch == self.start_epoch or not self.started:
+            for key, value in theirs.items():
+                ours[key].copy_(value)
+            self.started = True
+            return
+        decay = min(self.tau, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.tau
+        for key, value in theirs.items():
+            if value.is_floating_point():
+                ours[key].lerp_(value, 1 - decay)
+            else:
+                ours[key].copy_(value)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "started": self.started,
+                "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.started, self.updates = state["started"], state["updates"]

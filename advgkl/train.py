@@ -1,0 +1,276 @@
+"""Adversarial training: one plain loop (`train`), read top to bottom.
+
+Per step: attack (eval mode, clean logits cached) -> clean and adversarial forward (train mode)
+-> objective dict -> backward -> optimizer step (inside an AWP perturbation when active)
+-> class-prior update from the clean logits -> weight-EMA update.
+Per epoch: held-out clean and PGD accuracy, `last.pt` (atomic), `best.pt` by robust accuracy,
+a metrics row, the curves. `resume=True` continues bit-exactly from `last.pt`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from advgkl.attacks import PGDAttack, attack_schedule
+from advgkl.awp import AWP
+from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from advgkl.config import Config, config_to_dict, save_config
+from advgkl.data import NUM_CLASSES, load_split, to_unit_float, train_dataset
+from advgkl.ema import WeightEMA
+from advgkl.errors import UserError
+from advgkl.losses import Objective, build_objective, combine_views
+from advgkl.models import create_model
+from advgkl.priors import ClassPrior
+from advgkl.runlog import RunLog
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. a non-finite loss); the last checkpoint stays valid."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device: {name!r} asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def learning_rate(schedule: str, epoch: int, epochs: int, progress: float, *, lr: float,
+                  warmup: int, milestones: list[int]) -> float:
+    """LR in `epoch` (1-based) at fraction `progress` of it.
+
+    cosine (the paper's, set per epoch): lr * epoch / warmup during warm-up, then
+    lr * (1 + cos(pi * (epoch - warmup) / (epochs - warmup + 1))) / 2.
+    piecewise (TRADES/AWP): divided by 10 at each milestone epoch reached, after the warm-up.
+    cosinew (DM-AT, per step): linear warm-up, then cosine to 0 over the remaining steps.
+    """
+    if schedule == "cosinew":
+        t = epoch - 1 + progress
+        if t < warmup:
+            return lr * t / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (epochs - warmup)))
+    if epoch < warmup:
+        return lr * epoch / warmup
+    if schedule == "piecewise":
+        return lr * 0.1 ** sum(epoch >= m for m in milestones)
+    return lr * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup + 1)))
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if cfg.train.no_decay_bn_bias and p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                           nesterov=cfg.train.nesterov)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def holdout_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: PGDAttack,
+                     batch_size: int) -> tuple[float, float]:
+    """Clean and PGD accuracy on (x, y); the model stays in eval mode."""
+    model.eval()
+    clean = robust = 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        clean += (model(xb).argmax(1) == yb).sum().item()
+        with torch.enable_grad():
+            x_adv = attack(model, xb, yb)
+        robust += (model(x_adv).argmax(1) == yb).sum().item()
+    return clean / len(y), robust / len(y)
+
+
+def run_dir_for(cfg: Config, config_path: str | Path) -> Path:
+    return Path(cfg.run.out_dir) / (cfg.run.name or Path(config_path).stem)
+
+
+def _step_objective(objective: Objective, logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
+                    rows: Tensor | None, two_view: bool, aug_weight: float) -> dict[str, Tensor]:
+    if not two_view:
+        return objective(logits_nat, logits_adv, y, rows)
+    b = len(y) // 2
+    halves = [objective(logits_nat[s], logits_adv[s], y[s], None if rows is None else rows[s])
+              for s in (slice(0, b), slice(b, None))]
+    return combine_views(*halves, aug_weight)
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
+          device: torch.device | None = None, echo: bool = True) -> dict[str, float]:
+    """Train `cfg` into `run_dir` (created; refused if it exists) or resume it; returns the last
+    epoch's metrics."""
+    run_dir = Path(run_dir)
+    if cfg.data.generated:
+        raise UserError("data.generated: training on generated data arrives with the scale "
+                        "issue; this config validates but cannot run yet")
+    if resume and not (run_dir / "last.pt").is_file():
+        raise UserError(f"{run_dir}: nothing to resume (no last.pt)")
+    if not resume:
+        if run_dir.exists():
+            raise UserError(f"{run_dir} already exists; resume it with --resume {run_dir} or "
+                            "choose another run.name (nothing was overwritten)")
+        run_dir.mkdir(parents=True)
+        save_config(cfg, run_dir / "config.yaml")
+    device = device or resolve_device(cfg.train.device)
+    log = RunLog(run_dir, echo=echo)
+    seed_everything(cfg.train.seed)
+
+    # Data: the training set, and the first holdout_size test points for the per-epoch check.
+    num_classes = NUM_CLASSES[cfg.data.dataset]
+    train_split = load_split(cfg.data.dataset, train=True, root=cfg.data.root,
+                             download=cfg.data.download)
+    dataset = train_dataset(train_split, augment=cfg.data.augment, two_view=cfg.data.two_view)
+    test = load_split(cfg.data.dataset, train=False, root=cfg.data.root, download=cfg.data.download)
+    n_hold = min(cfg.eval.holdout_size, len(test.labels))
+    x_hold = to_unit_float(test.images[:n_hold]).to(device)
+    y_hold = test.labels[:n_hold].to(device)
+
+    # Model, optimizer, prior, objective, AWP, EMA.
+    model = create_model(cfg.model.arch, num_classes).to(device)
+    optimizer = build_optimizer(model, cfg)
+    prior = ClassPrior(num_classes, temperature=cfg.loss.prior_temperature,
+                       momentum=cfg.loss.prior_momentum, mode=cfg.loss.prior_update, device=device)
+    objective = build_objective(cfg.loss.method, alpha=cfg.loss.alpha, beta=cfg.loss.beta,
+                                gamma=cfg.loss.gamma, temperature=cfg.loss.temperature)
+    awp = AWP(model, gamma=cfg.awp.gamma, warmup_epochs=cfg.awp.warmup_epochs)
+    ema = WeightEMA(model, tau=cfg.train.ema_tau, start_epoch=cfg.train.ema_start_epoch,
+                    warmup=cfg.train.ema_warmup)
+    eval_attack = PGDAttack(eps=cfg.eval.eps, step_size=2.5 * cfg.eval.eps / cfg.eval.pgd_steps,
+                            steps=cfg.eval.pgd_steps, norm=cfg.eval.norm, objective="ce",
+                            random_start="uniform")
+    start_epoch, step, best = 1, 0, -1.0
+    if resume:
+        ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        prior.load_state_dict(ckpt["prior"])
+        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_robust_acc"]
+        if ckpt["epoch"] not in log.logged_epochs():  # killed between last.pt and its row
+            log.append_metrics(ckpt["metrics"])
+        set_rng_state(ckpt["rng"])
+        log.log(f"resumed from {run_dir / 'last.pt'} after epoch {ckpt['epoch']}")
+    else:
+        log.log(f"training {cfg.model.arch} on {cfg.data.dataset} with {cfg.loss.method} "
+                f"on {device} into {run_dir}")
+
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        eps, step_size, steps = attack_schedule(
+            cfg.attack.schedule, epoch, cfg.train.epochs, eps=cfg.attack.eps,
+            step_size=cfg.attack.step_size, steps=cfg.attack.steps)
+        attack = PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=cfg.attack.norm,
+                           objective=cfg.attack.objective, random_start=cfg.attack.random_start)
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
+        model.train()
+        sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "correct": 0, "seen": 0}
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
+                   disable=None if echo else True)  # None: off when not a terminal
+        for i, (x, y) in enumerate(bar):
+            lr = learning_rate(cfg.train.lr_schedule, epoch, cfg.train.epochs, i / len(loader),
+                               lr=cfg.train.lr, warmup=cfg.train.lr_warmup_epochs,
+                               milestones=cfg.train.lr_milestones)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if cfg.data.two_view:  # (basic, augmented) views: one batch, labels twice
+                x, y = torch.cat(x), torch.cat([y, y])
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            n_basic = len(y) // 2 if cfg.data.two_view else len(y)
+
+            x_adv = attack(model, x, y)
+            rows = prior.rows(y) if objective.needs_prior else None
+            diff = (awp.perturb(objective, x, x_adv, y, rows, lr=lr)
+                    if awp.active(epoch) else None)
+            logits_adv, logits_nat = model(x_adv), model(x)
+            out = _step_objective(objective, logits_nat, logits_adv, y, rows,
+                                  cfg.data.two_view, cfg.data.aug_weight)
+            loss = out["loss"].item()
+            if not math.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({loss}) at epoch {epoch}, step {i + 1}; "
+                                    f"{run_dir / 'last.pt'} holds the last good state")
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            if diff is not None:
+                awp.restore(diff)
+            if objective.needs_prior:
+                prior.update(logits_nat[:n_basic], y[:n_basic])
+            ema.update(model, epoch)
+            step += 1
+
+            b = len(y)
+            sums["loss"] += loss * b
+            sums["ce"] += out["ce"].item() * b
+            sums["robust"] += out["robust"].item() * b
+            sums["correct"] += (logits_nat.argmax(1) == y).sum().item()
+            sums["seen"] += b
+            bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
+                            img_s=f"{sums['seen'] / (time.perf_counter() - start):.0f}")
+        prior.end_epoch()
+        seconds = time.perf_counter() - start
+
+        eval_model = ema.module if cfg.train.select_with_ema and ema.started else model
+        clean_acc, robust_acc = holdout_accuracy(eval_model, x_hold, y_hold, eval_attack,
+                                                 cfg.eval.batch_size)
+        seen = sums["seen"]
+        metrics = {"epoch": epoch, "lr": lr, "loss": sums["loss"] / seen,
+                   "ce": sums["ce"] / seen, "robust": sums["robust"] / seen,
+                   "train_acc": sums["correct"] / seen, "clean_acc": clean_acc,
+                   "robust_acc": robust_acc, "eps": eps, "attack_steps": steps,
+                   "eval_weights": "ema" if eval_model is ema.module else "model",
+                   "images_per_s": seen / seconds, "seconds": seconds}
+        is_best = robust_acc > best
+        best = max(best, robust_acc)
+        ckpt = model_checkpoint(
+            model.state_dict(), arch=cfg.model.arch, num_classes=num_classes,
+            ema=ema.state_dict(), optimizer=optimizer.state_dict(), prior=prior.state_dict(),
+            epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(),
+            config=config_to_dict(cfg), metrics=metrics)
+        save_checkpoint(run_dir / "last.pt", ckpt)
+        log.append_metrics(metrics)
+        if is_best:
+            save_checkpoint(run_dir / "best.pt", ckpt)
+        log.plot()
+        log.log(f"epoch {epoch}: loss {metrics['loss']:.4f}, train {100 * metrics['train_acc']:.2f}%"
+                f", clean {100 * clean_acc:.2f}%, PGD-{cfg.eval.pgd_steps} {100 * robust_acc:.2f}% "
+                f"({metrics['eval_weights']}), {metrics['images_per_s']:.0f} img/s"
+                f"{', best' if is_best else ''}")
+    return metrics

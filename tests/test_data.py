@@ -1,0 +1,58 @@
+"""Data: the embedded digits split, the CIFAR error, and the augmentations."""
+
+import pytest
+import torch
+
+from advgkl.data import Cutout, Split, image_transform, load_split, train_dataset
+from advgkl.errors import UserError
+
+
+def test_digits_split_is_fixed_stratified_and_scaled():
+    train, test = load_split("digits", train=True), load_split("digits", train=False)
+    assert len(train.labels) + len(test.labels) == 1797 and len(test.labels) == 360
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 16, 16)
+    assert torch.equal(load_split("digits", train=False).images, test.images)  # same every time
+    counts = torch.bincount(test.labels, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
+    assert test.images.max() == 255 and test.images.min() == 0
+
+
+def test_missing_cifar_names_folder_and_files(tmp_path):
+    with pytest.raises(UserError, match="cifar10: no data set in .*cifar-10-batches-py "
+                                        "\\(expected files: data_batch_1..5"):
+        load_split("cifar10", train=False, root=str(tmp_path))
+    with pytest.raises(UserError, match="cifar-100-python"):
+        load_split("cifar100", train=True, root=str(tmp_path))
+
+
+def fake_split(n=8, size=16):
+    g = torch.Generator().manual_seed(0)
+    return Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+                 torch.arange(n) % 10)
+
+
+@pytest.mark.parametrize("augment", ["none", "basic", "autoaugment", "cutout"])
+def test_transforms_give_float_images_in_unit_range(augment):
+    img = fake_split().images[0]
+    out = image_transform(augment, 16)(img)
+    assert out.dtype == torch.float32 and out.shape == (3, 16, 16)
+    assert 0 <= out.min() and out.max() <= 1
+    if augment == "none":
+        assert torch.equal(out, img.float() / 255)
+
+
+def test_cutout_zeroes_one_square():
+    torch.manual_seed(3)
+    out = Cutout(8)(torch.ones(3, 16, 16))
+    zero = (out == 0).all(0)
+    rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+    assert 0 < zero.sum() <= 64
+    assert zero.sum() == len(rows) * len(cols)  # a rectangle (a square clipped at the border)
+
+
+def test_two_view_dataset_yields_basic_and_augmented_views():
+    ds = train_dataset(fake_split(), augment="autoaugment", two_view=True)
+    (basic, augmented), label = ds[3]
+    assert basic.shape == augmented.shape == (3, 16, 16) and label == 3
+    single = train_dataset(fake_split(), augment="basic", two_view=False)[3]
+    assert single[0].shape == (3, 16, 16)
