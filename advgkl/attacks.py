@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from advgkl.losses import soft_cross_entropy
 
 NORMS = ("Linf", "L2")
-OBJECTIVES = ("kl", "ce")
+OBJECTIVES = ("kl", "ce", "cw")
 RANDOM_STARTS = ("normal", "uniform", "none")
 
 
@@ -50,7 +50,7 @@ class PGDAttack:
     """`attack(model, x, y, logits_nat=None) -> x_adv` for images x in [0, 1].
 
     objective "kl": soft CE against the clean softmax (KL's gradient; TRADES' and the paper's inner
-    maximization); "ce": Madry's cross-entropy. The model runs in eval mode (train mode for BN if
+    maximization); "ce": Madry's cross-entropy; "cw": the Carlini-Wagner margin loss. The model runs in eval mode (train mode for BN if
     `bn_train`) and its mode is restored; only the input gets gradients, never the parameters.
     Clean logits are computed once per call when not given. The random start is projected into
     the ball and [0, 1] like every step, so x_adv always satisfies both.
@@ -76,6 +76,11 @@ class PGDAttack:
     def _loss(self, logits_adv: Tensor, y: Tensor, logits_nat: Tensor | None) -> Tensor:
         if self.objective == "kl":
             return soft_cross_entropy(logits_adv, logits_nat) * logits_adv.shape[0]
+        if self.objective == "cw":  # Carlini-Wagner margin: best other logit minus the true one
+            z = logits_adv.float()
+            true = z.gather(1, y[:, None]).squeeze(1)
+            other = z.scatter(1, y[:, None], float("-inf")).amax(1)
+            return (other - true).sum()
         return F.cross_entropy(logits_adv.float(), y, reduction="sum")
 
     def _step(self, x_adv: Tensor, grad: Tensor) -> Tensor:

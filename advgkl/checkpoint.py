@@ -107,10 +107,23 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, what: st
     model.load_state_dict(state_dict, strict=True)
 
 
+def checkpoint_weights(ckpt: Mapping[str, Any], weights: str = "model") -> Mapping[str, Tensor]:
+    """The state dict of `weights`: "model", or "ema" (the averaged weights, once started)."""
+    if weights == "ema":
+        ema = ckpt.get("ema")
+        if not ema or not ema.get("started"):
+            raise CheckpointError("this checkpoint has no EMA weights yet (the EMA starts at "
+                                  "train.ema_start_epoch); evaluate --weights model")
+        return ema["model"]
+    if weights != "model":
+        raise CheckpointError(f"weights: {weights!r} is not model or ema")
+    return ckpt["model"]
+
+
 def model_from_checkpoint(ckpt: Mapping[str, Any], *, what: str = "checkpoint",
                           weights: str = "model") -> nn.Module:
     """Build the checkpoint's architecture and load its `weights` ("model" or "ema")."""
-    for key in ("arch", "num_classes", weights):
+    for key in ("arch", "num_classes", "model"):
         if key not in ckpt:
             raise CheckpointError(f"{what}: not an advgkl checkpoint (no {key!r} entry); "
                                   "import foreign weights with `advgkl import-checkpoint`")
@@ -118,7 +131,7 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, what: str = "checkpoint",
         model = create_model(ckpt["arch"], ckpt["num_classes"], **ckpt.get("arch_kwargs", {}))
     except ValueError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
-    load_weights(model, ckpt[weights], what=what)
+    load_weights(model, checkpoint_weights(ckpt, weights), what=what)
     return model
 
 

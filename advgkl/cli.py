@@ -54,6 +54,71 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _meta(args: argparse.Namespace) -> dict:
+    return {"link": args.link, "name": args.paper_name, "authors": args.authors,
+            "venue": args.venue, "additional_data": args.additional_data,
+            "reported": args.reported, "footnote": args.footnote}
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from advgkl.config import parse_number
+    from advgkl.eval_job import EvalJob, parse_shard, run_eval_job
+
+    job = EvalJob(
+        checkpoint=args.checkpoint, dataset=args.dataset, n_examples=args.n_examples,
+        eps=parse_number("--eps", args.eps), norm=args.norm, version=args.version,
+        attacks=args.attacks.split(",") if args.attacks else None, quick=args.quick,
+        batch_size=args.batch_size, seed=args.seed, state=args.state, model_name=args.model_name,
+        out=args.out, weights=args.weights, device=args.device, data_root=args.data_root,
+        shard=parse_shard(args.shard) if args.shard else None, meta=_meta(args))
+    result, paths = run_eval_job(job)
+    steps = ", ".join(f"{a['attack']} {100 * a['robust'] / result.n_examples:.2f}%"
+                      for a in result.per_attack)
+    print(f"{result.label}: clean {100 * result.clean_acc:.2f}%, robust "
+          f"{100 * result.robust_acc:.2f}% on {result.n_examples} points ({steps})")
+    for path in paths.values():
+        if path.exists():
+            print(f"wrote {path}")
+    return 0
+
+
+def _cmd_eval_merge(args: argparse.Namespace) -> int:
+    import json
+
+    from advgkl.eval_job import merge_shard_files, output_paths
+
+    first = json.loads(Path(args.shards[0]).read_text())
+    name = args.model_name or Path(args.shards[0]).name.split(".shard-")[0]
+    out_dir = Path(args.out) / first["dataset"] / first["result"]["norm"]
+    paths = output_paths(out_dir, name, first["kind"], None)
+    paths.pop("log", None)
+    result = merge_shard_files([Path(p) for p in args.shards], paths, _meta(args))
+    print(f"merged {len(args.shards)} shards: clean {100 * result.clean_acc:.2f}%, robust "
+          f"{100 * result.robust_acc:.2f}% on {result.n_examples} points")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from advgkl.leaderboard import export_submission
+
+    weights = export_submission(args.checkpoint, args.eval, args.out,
+                                allow_partial=args.allow_partial)
+    print(f"wrote the RobustBench submission bundle to {weights.parent}")
+    return 0
+
+
+def _add_meta_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("RobustBench metadata (left empty unless given)")
+    group.add_argument("--link", default="", help="paper URL")
+    group.add_argument("--paper-name", default="", help="paper title")
+    group.add_argument("--authors", default="")
+    group.add_argument("--venue", default="")
+    group.add_argument("--additional-data", action="store_true",
+                       help="trained with extra real data (RobustBench's additional_data)")
+    group.add_argument("--reported", default="", help="robust accuracy the paper reports")
+    group.add_argument("--footnote", default="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="advgkl", description="Adversarial training with GKL/IKL and AutoAttack evaluation.")
@@ -77,6 +142,58 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from last.pt")
     train.set_defaults(func=_cmd_train)
+
+    ev = commands.add_parser(
+        "eval", help="AutoAttack evaluation and RobustBench records",
+        description="Evaluate CHECKPOINT on the first N test images (torchvision order, as "
+                    "RobustBench) with standard AutoAttack (pyautoattack), or a quick, clearly "
+                    "labelled non-standard check. Under torchrun each process evaluates a "
+                    "contiguous shard and rank 0 merges them.")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT")
+    ev.add_argument("--dataset", choices=("cifar10", "cifar100", "digits"),
+                    help="default: the checkpoint's training data")
+    ev.add_argument("--n-examples", type=int, default=10_000)
+    ev.add_argument("--eps", default="8/255", help="e.g. 8/255 (Linf) or 0.5 (L2)")
+    ev.add_argument("--norm", choices=("Linf", "L2"), default="Linf")
+    ev.add_argument("--version", choices=("standard", "plus", "rand", "custom"),
+                    default="standard")
+    ev.add_argument("--attacks", help="comma-separated, with --version custom")
+    ev.add_argument("--quick", metavar="KIND",
+                    help="non-standard check instead: pgd-K (CE), cw-K, or apgd (APGD-CE + APGD-T)")
+    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--state", help="state file: a restarted evaluation continues from it")
+    ev.add_argument("--model-name", help="record name; default: the run folder's name")
+    ev.add_argument("--out", default="results")
+    ev.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
+                    help="auto: the EMA weights when the checkpoint has them")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--data-root", default="data")
+    ev.add_argument("--shard", metavar="I/N", help="evaluate shard I of N (without torchrun)")
+    _add_meta_options(ev)
+    ev.set_defaults(func=_cmd_eval)
+
+    merge = commands.add_parser(
+        "eval-merge", help="merge shard results exactly (counts, not percentages)",
+        description="Merge NAME.shard-I-of-N.json files into NAME.json and NAME.detailed.json.")
+    merge.add_argument("shards", nargs="+", metavar="SHARD.json")
+    merge.add_argument("--out", default="results")
+    merge.add_argument("--model-name")
+    _add_meta_options(merge)
+    merge.set_defaults(func=_cmd_eval_merge)
+
+    export = commands.add_parser(
+        "export", help="write a RobustBench New Model submission bundle",
+        description="Write the plain state dict RobustBench's class loads with strict=True "
+                    "(verified), its sha256, the model_info JSON, the model-zoo entry and the "
+                    "New Model issue text.")
+    export.add_argument("checkpoint", metavar="CHECKPOINT")
+    export.add_argument("--eval", required=True, metavar="NAME.json",
+                        help="the model_info JSON `advgkl eval` wrote for this checkpoint")
+    export.add_argument("--out", required=True, help="empty or new folder")
+    export.add_argument("--allow-partial", action="store_true",
+                        help="export an evaluation on fewer than 10,000 points, marked partial")
+    export.set_defaults(func=_cmd_export)
 
     imp = commands.add_parser(
         "import-checkpoint", help="turn a foreign weights file into an advgkl checkpoint",

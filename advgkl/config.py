@@ -134,7 +134,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def _parse_float(key: str, value: Any) -> float:
+def parse_number(key: str, value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
@@ -174,7 +174,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        return _parse_float(key, value)
+        return parse_number(key, value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -28,6 +28,7 @@ from advgkl.config import Config, config_to_dict, save_config
 from advgkl.data import NUM_CLASSES, load_split, to_unit_float, train_dataset
 from advgkl.ema import WeightEMA
 from advgkl.errors import UserError
+from advgkl.evaluate import evaluate_pgd
 from advgkl.losses import Objective, build_objective, combine_views
 from advgkl.models import create_model
 from advgkl.priors import ClassPrior
@@ -101,21 +102,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
-def holdout_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: PGDAttack,
-                     batch_size: int) -> tuple[float, float]:
-    """Clean and PGD accuracy on (x, y); the model stays in eval mode."""
-    model.eval()
-    clean = robust = 0
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        clean += (model(xb).argmax(1) == yb).sum().item()
-        with torch.enable_grad():
-            x_adv = attack(model, xb, yb)
-        robust += (model(x_adv).argmax(1) == yb).sum().item()
-    return clean / len(y), robust / len(y)
-
-
 def run_dir_for(cfg: Config, config_path: str | Path) -> Path:
     return Path(cfg.run.out_dir) / (cfg.run.name or Path(config_path).stem)
 
@@ -170,9 +156,6 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     awp = AWP(model, gamma=cfg.awp.gamma, warmup_epochs=cfg.awp.warmup_epochs)
     ema = WeightEMA(model, tau=cfg.train.ema_tau, start_epoch=cfg.train.ema_start_epoch,
                     warmup=cfg.train.ema_warmup)
-    eval_attack = PGDAttack(eps=cfg.eval.eps, step_size=2.5 * cfg.eval.eps / cfg.eval.pgd_steps,
-                            steps=cfg.eval.pgd_steps, norm=cfg.eval.norm, objective="ce",
-                            random_start="uniform")
     start_epoch, step, best = 1, 0, -1.0
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
@@ -248,8 +231,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         seconds = time.perf_counter() - start
 
         eval_model = ema.module if cfg.train.select_with_ema and ema.started else model
-        clean_acc, robust_acc = holdout_accuracy(eval_model, x_hold, y_hold, eval_attack,
-                                                 cfg.eval.batch_size)
+        check = evaluate_pgd(eval_model, x_hold, y_hold, eps=cfg.eval.eps, norm=cfg.eval.norm,
+                             steps=cfg.eval.pgd_steps, batch_size=cfg.eval.batch_size,
+                             progress=False)
+        clean_acc, robust_acc = check.clean_acc, check.robust_acc
         seen = sums["seen"]
         metrics = {"epoch": epoch, "lr": lr, "loss": sums["loss"] / seen,
                    "ce": sums["ce"] / seen, "robust": sums["robust"] / seen,

@@ -30,7 +30,7 @@ def batch(n=8, seed=0):
 
 
 ATTACKS = [dict(norm=n, objective=o, random_start=r) for n in ("Linf", "L2")
-           for o in ("kl", "ce") for r in ("normal", "uniform", "none")]
+           for o in ("kl", "ce", "cw") for r in ("normal", "uniform", "none")]
 
 
 @pytest.mark.parametrize("kw", ATTACKS, ids=lambda kw: "-".join(kw.values()))
@@ -86,7 +86,13 @@ def test_mode_restored_even_when_the_model_fails():
     assert model.training
 
 
-@pytest.mark.parametrize("objective", ["kl", "ce"])
+def cw_margin(z, y):
+    true = z[torch.arange(len(y)), y]
+    other = torch.stack([torch.cat([row[:k], row[k + 1:]]).max() for row, k in zip(z, y)])
+    return (other - true).mean()
+
+
+@pytest.mark.parametrize("objective", ["kl", "ce", "cw"])
 def test_attack_increases_its_objective(objective):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
@@ -97,9 +103,11 @@ def test_attack_increases_its_objective(objective):
     x_noise = (x + 8 / 255 * torch.randn_like(x).sign()).clamp(0, 1)  # same size, random direction
     with torch.no_grad():
         clean = model(x)
-        loss = (lambda z: torch.nn.functional.cross_entropy(z, y)) if objective == "ce" else (
-            lambda z: torch.nn.functional.kl_div(torch.log_softmax(z, 1), torch.softmax(clean, 1),
-                                                 reduction="batchmean"))
+        loss = {"ce": lambda z: torch.nn.functional.cross_entropy(z, y),
+                "cw": lambda z: cw_margin(z, y),
+                "kl": lambda z: torch.nn.functional.kl_div(
+                    torch.log_softmax(z, 1), torch.softmax(clean, 1), reduction="batchmean"),
+                }[objective]
         base = loss(clean)
         assert loss(model(x_adv)) - base > 2 * (loss(model(x_noise)) - base) > 0
 

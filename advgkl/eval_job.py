@@ -1,0 +1,195 @@
+"""The `advgkl eval` job: checkpoint -> the first n test points -> evaluation -> records.
+
+Records go to OUT/<dataset>/<Linf|L2>/: NAME.json (RobustBench model_info, standard AutoAttack
+only), NAME.detailed.json (everything behind the number), NAME.log (AutoAttack's log). A
+non-standard evaluation (another AutoAttack version, or --quick) writes only NAME.<kind>.json,
+labelled as such. Sharded runs write
+NAME.shard-I-of-N.json each; under torchrun rank 0 merges them, else `advgkl eval-merge` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from advgkl.checkpoint import load_checkpoint, model_from_checkpoint
+from advgkl.data import NUM_CLASSES, load_split, to_unit_float
+from advgkl.errors import UserError
+from advgkl.evaluate import (APGD_ONLY, EvalResult, check_eps, evaluate_autoattack, evaluate_pgd,
+                             merge_results)
+from advgkl.leaderboard import detailed_record, model_info, sha256_file, write_new
+
+
+@dataclass
+class EvalJob:
+    checkpoint: str
+    dataset: str | None = None
+    n_examples: int = 10_000
+    eps: float = 8 / 255
+    norm: str = "Linf"
+    version: str = "standard"
+    attacks: list[str] | None = None
+    quick: str | None = None            # "pgd-K", "cw-K" or "apgd": non-standard checks
+    batch_size: int = 500
+    seed: int = 0
+    state: str | None = None
+    model_name: str | None = None
+    out: str = "results"
+    weights: str = "auto"
+    device: str = "auto"
+    data_root: str = "data"
+    shard: tuple[int, int] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text!r}: I must be in 0..N-1")
+    return i, n
+
+
+def _torchrun_shard() -> tuple[int, int] | None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ["RANK"]), world) if world > 1 else None
+
+
+def _device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _run(job: EvalJob, model, x, y, device, first: int, log_path: Path | None,
+         state: str | None) -> EvalResult:
+    progress = not dist.is_initialized() or dist.get_rank() == 0
+    if job.quick is None:
+        return evaluate_autoattack(model, x, y, eps=job.eps, norm=job.norm, version=job.version,
+                                   attacks=job.attacks, batch_size=job.batch_size, seed=job.seed,
+                                   state_path=state, device=device, log_path=log_path,
+                                   progress=progress, first_index=first)
+    if job.quick == "apgd":
+        return evaluate_autoattack(
+            model, x, y, eps=job.eps, norm=job.norm, version="custom", attacks=APGD_ONLY,
+            batch_size=job.batch_size, seed=job.seed, state_path=state, device=device,
+            log_path=log_path, progress=progress, first_index=first,
+            label="APGD-CE + APGD-T screening, NON-STANDARD (not AutoAttack)")
+    kind, _, steps = job.quick.partition("-")
+    if kind not in ("pgd", "cw") or not steps.isdigit() or int(steps) < 1:
+        raise UserError(f"--quick {job.quick!r}: expected pgd-K, cw-K or apgd")
+    torch.manual_seed(job.seed)
+    return evaluate_pgd(model, x, y, eps=job.eps, norm=job.norm, steps=int(steps),
+                        loss="ce" if kind == "pgd" else "cw", batch_size=job.batch_size,
+                        device=device, progress=progress, first_index=first)
+
+
+def output_paths(out_dir: Path, name: str, kind: str,
+                 shard: tuple[int, int] | None) -> dict[str, Path]:
+    """Where records go; `kind` is "standard" or the non-standard evaluation's name."""
+    if shard is not None:
+        return {"shard": out_dir / f"{name}.shard-{shard[0]}-of-{shard[1]}.json"}
+    if kind != "standard":
+        return {"detailed": out_dir / f"{name}.{kind}.json"}
+    return {"info": out_dir / f"{name}.json", "detailed": out_dir / f"{name}.detailed.json",
+            "log": out_dir / f"{name}.log"}
+
+
+def write_records(result: EvalResult, base: dict, paths: dict[str, Path],
+                  meta: dict[str, Any]) -> None:
+    """The final records of an evaluation (merged, when sharded); `base` is a detailed record of
+    the same checkpoint and settings."""
+    detailed = {"kind": base["kind"], **detailed_record(
+        result, dataset=base["dataset"], arch=base["architecture"], checkpoint=base["checkpoint"],
+        checkpoint_sha256=base["checkpoint_sha256"], weights=base["weights"],
+        config=base["config"])}
+    if "info" in paths:
+        info = model_info(result, dataset=detailed["dataset"], arch=detailed["architecture"],
+                          meta=meta)
+        write_new(paths["info"], json.dumps(info, indent=2) + "\n")
+    write_new(paths["detailed"], json.dumps(detailed, indent=2) + "\n")
+
+
+def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
+    """Evaluate (one shard of) a checkpoint and write its records."""
+    check_eps(job.eps, job.norm)
+    ckpt = load_checkpoint(job.checkpoint)
+    config = ckpt.get("config") or {}
+    dataset = job.dataset or config.get("data", {}).get("dataset")
+    if dataset not in NUM_CLASSES:
+        raise UserError(f"--dataset: give one of {', '.join(NUM_CLASSES)} (the checkpoint "
+                        "does not say which data it was trained on)")
+    if NUM_CLASSES[dataset] != ckpt.get("num_classes"):
+        raise UserError(f"the checkpoint has {ckpt.get('num_classes')} classes, {dataset} has "
+                        f"{NUM_CLASSES[dataset]}")
+    weights = job.weights
+    if weights == "auto":
+        weights = "ema" if (ckpt.get("ema") or {}).get("started") else "model"
+    test = load_split(dataset, train=False, root=job.data_root)
+    if job.n_examples > len(test.labels):
+        raise UserError(f"--n-examples {job.n_examples} is more than the {len(test.labels)} "
+                        f"test images of {dataset}")
+    shard = job.shard or _torchrun_shard()
+    state = job.state
+    if shard and state:
+        state = f"{state}.shard-{shard[0]}-of-{shard[1]}"
+    if shard and job.shard is None and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(hours=48))  # a shard of AutoAttack takes hours
+    name = job.model_name or Path(job.checkpoint).resolve().parent.name
+    out_dir = Path(job.out) / dataset / job.norm
+    kind = job.quick or job.version
+    paths = output_paths(out_dir, name, kind, shard)
+    final = output_paths(out_dir, name, kind, None)
+    for path in (*paths.values(), *(final.values() if job.shard is None else ())):
+        if path.exists():
+            raise UserError(f"{path} already exists; pick another --model-name or --out "
+                            "(nothing was overwritten)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    device = _device(job.device)
+    model = model_from_checkpoint(ckpt, what=job.checkpoint, weights=weights).to(device).eval()
+    first, end = 0, job.n_examples
+    if shard:
+        first, end = shard[0] * job.n_examples // shard[1], (shard[0] + 1) * job.n_examples // shard[1]
+    x, y = to_unit_float(test.images[first:end]), test.labels[first:end]
+    result = _run(job, model, x, y, device, first, paths.get("log"), state)
+    detailed = {"kind": kind, **detailed_record(
+        result, dataset=dataset, arch=ckpt["arch"], checkpoint=job.checkpoint,
+        checkpoint_sha256=sha256_file(job.checkpoint), weights=weights, config=config)}
+    if shard is None:
+        write_records(result, detailed, paths, job.meta)
+        return result, paths
+    write_new(paths["shard"], json.dumps(detailed, indent=2) + "\n")
+    if not dist.is_initialized():
+        return result, paths
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shard_files = [out_dir / f"{name}.shard-{i}-of-{shard[1]}.json" for i in range(shard[1])]
+        result = merge_shard_files(shard_files, final, job.meta)
+    dist.barrier()
+    dist.destroy_process_group()
+    return result, final
+
+
+def merge_shard_files(files: Sequence[Path], paths: dict[str, Path],
+                      meta: dict[str, Any]) -> EvalResult:
+    """Merge shard records (same checkpoint and settings) into the final records."""
+    records = sorted((json.loads(Path(f).read_text()) for f in files),
+                     key=lambda r: r["first_index"])
+    if len({r["checkpoint_sha256"] for r in records}) > 1:
+        raise UserError("the shards evaluated different checkpoints; they cannot merge")
+    result = merge_results([EvalResult.from_dict(r["result"]) for r in records])
+    write_records(result, records[0], paths, meta)
+    return result
