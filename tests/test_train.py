@@ -184,3 +184,23 @@ def test_demo_learns_robustness_that_plain_training_lacks(tmp_path):
           f"plain clean {plain['clean_acc']:.4f} PGD {plain['robust_acc']:.4f}")
     assert gkl["clean_acc"] > 0.85
     assert gkl["robust_acc"] > plain["robust_acc"] + 0.30
+
+
+@pytest.mark.parametrize("exempt", [False, True])
+def test_optimizer_weight_decay_groups(exempt):
+    from advgkl.models import create_model
+    from advgkl.train import build_optimizer
+
+    model = create_model("small-cnn", 10)
+    cfg = load_config(DEMO, [f"train.no_decay_bn_bias={str(exempt).lower()}",
+                             "train.weight_decay=0.01", "train.nesterov=true"])
+    groups = build_optimizer(model, cfg).param_groups
+    decayed = [p for g in groups if g["weight_decay"] == 0.01 for p in g["params"]]
+    exempted = [p for g in groups if g["weight_decay"] == 0.0 for p in g["params"]]
+    assert len(decayed) + len(exempted) == len(list(model.parameters()))
+    assert all(g["nesterov"] for g in groups)
+    if exempt:
+        assert exempted and all(p.dim() <= 1 for p in exempted)
+        assert all(p.dim() > 1 for p in decayed)
+    else:
+        assert not exempted
