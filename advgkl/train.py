@@ -153,7 +153,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                        momentum=cfg.loss.prior_momentum, mode=cfg.loss.prior_update, device=device)
     objective = build_objective(cfg.loss.method, alpha=cfg.loss.alpha, beta=cfg.loss.beta,
                                 gamma=cfg.loss.gamma, temperature=cfg.loss.temperature)
-    awp = AWP(model, gamma=cfg.awp.gamma, warmup_epochs=cfg.awp.warmup_epochs)
+    awp = (AWP(model, gamma=cfg.awp.gamma, warmup_epochs=cfg.awp.warmup_epochs)
+           if cfg.awp.gamma > 0 else None)  # its proxy is a full copy of the model
     ema = WeightEMA(model, tau=cfg.train.ema_tau, start_epoch=cfg.train.ema_start_epoch,
                     warmup=cfg.train.ema_warmup)
     start_epoch, step, best = 1, 0, -1.0
@@ -201,11 +202,14 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             x_adv = attack(model, x, y)
             rows = prior.rows(y) if objective.needs_prior else None
             diff = (awp.perturb(objective, x, x_adv, y, rows, lr=lr)
-                    if awp.active(epoch) else None)
+                    if awp is not None and awp.active(epoch) else None)
             logits_adv, logits_nat = model(x_adv), model(x)
             out = _step_objective(objective, logits_nat, logits_adv, y, rows,
                                   cfg.data.two_view, cfg.data.aug_weight)
-            loss = out["loss"].item()
+            # One device sync per step for the logs and the finiteness check.
+            loss, ce, robust, correct = torch.stack([
+                out["loss"].detach(), out["ce"].detach(), out["robust"].detach(),
+                (logits_nat.argmax(1) == y).sum().to(out["loss"].dtype)]).tolist()
             if not math.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss}) at epoch {epoch}, step {i + 1}; "
                                     f"{run_dir / 'last.pt'} holds the last good state")
@@ -221,9 +225,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
 
             b = len(y)
             sums["loss"] += loss * b
-            sums["ce"] += out["ce"].item() * b
-            sums["robust"] += out["robust"].item() * b
-            sums["correct"] += (logits_nat.argmax(1) == y).sum().item()
+            sums["ce"] += ce * b
+            sums["robust"] += robust * b
+            sums["correct"] += int(correct)
             sums["seen"] += b
             bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
                             img_s=f"{sums['seen'] / (time.perf_counter() - start):.0f}")
