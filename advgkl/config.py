@@ -103,6 +103,12 @@ class TrainConfig:
     select_with_ema: bool = opt(True, doc="evaluate and pick best.pt with the EMA once it runs")
     seed: int = opt(0, ge=0)
     device: str = opt("auto", doc="auto, cpu, cuda or cuda:N")
+    precision: str = opt("fp32", choices=("fp32", "bf16"),
+                         doc="training forward/backward: bf16 autocast on CUDA (evaluation: fp32)")
+    attack_precision: str = opt("fp32", choices=("fp32", "bf16"), doc="the training attack's")
+    channels_last: bool = opt(False, doc="channels_last memory format (CUDA)")
+    compile: bool = opt(False, doc="torch.compile the training forward (CUDA)")
+    cudnn_benchmark: bool = opt(True, doc="let cuDNN pick the fastest kernels (CUDA)")
 
 
 @dataclass

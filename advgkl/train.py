@@ -2,7 +2,8 @@
 
 Per step: attack (eval mode, clean logits cached) -> clean and adversarial forward (train mode)
 -> objective dict -> backward -> optimizer step (inside an AWP perturbation when active)
--> class-prior update from the clean logits -> weight-EMA update.
+-> class-prior update from the clean logits -> weight-EMA update. On CUDA the forward passes can
+run in bf16 autocast, channels_last and compiled; evaluation always runs in fp32.
 Per epoch: held-out clean and PGD accuracy, `last.pt` (atomic), `best.pt` by robust accuracy,
 a metrics row, the curves. `resume=True` continues bit-exactly from `last.pt`.
 """
@@ -102,6 +103,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def kernel_options(cfg: Config, device: torch.device, log: RunLog) -> dict[str, Any]:
+    """bf16 autocast, channels_last, torch.compile and cuDNN benchmark are CUDA options; on
+    another device they are switched off with a message, never an error."""
+    cuda = device.type == "cuda"
+    wanted = {"precision": cfg.train.precision == "bf16",
+              "attack_precision": cfg.train.attack_precision == "bf16",
+              "channels_last": cfg.train.channels_last, "compile": cfg.train.compile}
+    if not cuda:
+        for name in (k for k, on in wanted.items() if on):
+            log.log(f"train.{name} is a CUDA option; ignored on {device}")
+    if cuda:
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    return {k: on and cuda for k, on in wanted.items()}
+
+
 def run_dir_for(cfg: Config, config_path: str | Path) -> Path:
     return Path(cfg.run.out_dir) / (cfg.run.name or Path(config_path).stem)
 
@@ -146,8 +162,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     x_hold = to_unit_float(test.images[:n_hold]).to(device)
     y_hold = test.labels[:n_hold].to(device)
 
-    # Model, optimizer, prior, objective, AWP, EMA.
-    model = create_model(cfg.model.arch, num_classes).to(device)
+    # Model (and its compiled training view), optimizer, prior, objective, AWP, EMA.
+    kernels = kernel_options(cfg, device, log)
+    memory_format = torch.channels_last if kernels["channels_last"] else torch.contiguous_format
+    model = create_model(cfg.model.arch, num_classes).to(device, memory_format=memory_format)
+    net = torch.compile(model) if kernels["compile"] else model  # same parameters as `model`
+    train_amp = torch.autocast(device.type, torch.bfloat16, enabled=kernels["precision"])
+    attack_amp = torch.autocast(device.type, torch.bfloat16, enabled=kernels["attack_precision"])
     optimizer = build_optimizer(model, cfg)
     prior = ClassPrior(num_classes, temperature=cfg.loss.prior_temperature,
                        momentum=cfg.loss.prior_momentum, mode=cfg.loss.prior_update, device=device)
@@ -183,7 +204,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
-        model.train()
+        net.train()
         sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "correct": 0, "seen": 0}
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
@@ -196,16 +217,19 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                 group["lr"] = lr
             if cfg.data.two_view:  # (basic, augmented) views: one batch, labels twice
                 x, y = torch.cat(x), torch.cat([y, y])
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
             n_basic = len(y) // 2 if cfg.data.two_view else len(y)
 
-            x_adv = attack(model, x, y)
+            with attack_amp:
+                x_adv = attack(net, x, y)
             rows = prior.rows(y) if objective.needs_prior else None
-            diff = (awp.perturb(objective, x, x_adv, y, rows, lr=lr)
-                    if awp is not None and awp.active(epoch) else None)
-            logits_adv, logits_nat = model(x_adv), model(x)
-            out = _step_objective(objective, logits_nat, logits_adv, y, rows,
-                                  cfg.data.two_view, cfg.data.aug_weight)
+            with train_amp:
+                diff = (awp.perturb(objective, x, x_adv, y, rows, lr=lr)
+                        if awp is not None and awp.active(epoch) else None)
+                logits_adv, logits_nat = net(x_adv), net(x)
+                out = _step_objective(objective, logits_nat, logits_adv, y, rows,
+                                      cfg.data.two_view, cfg.data.aug_weight)
             # One device sync per step for the logs and the finiteness check.
             loss, ce, robust, correct = torch.stack([
                 out["loss"].detach(), out["ce"].detach(), out["robust"].detach(),

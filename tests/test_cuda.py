@@ -124,3 +124,21 @@ def test_one_training_epoch_on_the_gpu(tmp_path):
     assert metrics["clean_acc"] > 0.5
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert all(t.device.type == "cpu" for t in ckpt["model"].values())  # loads anywhere
+
+
+@pytest.mark.parametrize("options", [
+    ["train.precision=bf16", "train.attack_precision=bf16", "train.channels_last=true"],
+    ["train.precision=bf16", "train.channels_last=true", "train.compile=true"],
+])
+def test_bf16_channels_last_compile_training_on_the_gpu(tmp_path, options):
+    from pathlib import Path
+
+    from advgkl.checkpoint import load_checkpoint, model_from_checkpoint
+    from advgkl.config import load_config
+    from advgkl.train import train
+
+    demo = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
+    cfg = load_config(demo, ["train.device=cuda", "train.epochs=3", *options])
+    metrics = train(cfg, tmp_path / "run", echo=False)
+    assert metrics["clean_acc"] > 0.5 and "ignored" not in (tmp_path / "run" / "train.log").read_text()
+    model_from_checkpoint(load_checkpoint(tmp_path / "run" / "last.pt"))  # plain keys, no _orig_mod

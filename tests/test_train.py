@@ -204,3 +204,15 @@ def test_optimizer_weight_decay_groups(exempt):
         assert all(p.dim() > 1 for p in decayed)
     else:
         assert not exempted
+
+
+def test_cuda_options_are_ignored_with_a_message_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "load_split", fake_load_split)
+    cfg = load_config(DEMO, ["train.epochs=1", "eval.holdout_size=8", "train.precision=bf16",
+                             "train.attack_precision=bf16", "train.channels_last=true",
+                             "train.compile=true"])
+    metrics = train(cfg, tmp_path / "run", echo=False)
+    assert math.isfinite(metrics["loss"])
+    log = (tmp_path / "run" / "train.log").read_text()
+    for name in ("precision", "attack_precision", "channels_last", "compile"):
+        assert f"train.{name} is a CUDA option; ignored on cpu" in log
