@@ -6,6 +6,7 @@ import copy
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 _EPS = 1e-20
@@ -19,7 +20,8 @@ class AWP:
     `perturb(...)` copies the model into a proxy, takes one SGD step on the proxy that ascends the
     objective's "loss", rescales each weight's (>= 2-dim parameters) change to that weight's norm
     and adds `gamma` times it to the model; `restore(diff)` subtracts it again after the optimizer
-    step. Active from epoch `warmup_epochs` on (epochs count from 1), when gamma > 0.
+    step. Active from epoch `warmup_epochs` on (epochs count from 1), when gamma > 0. Under
+    torch.distributed the proxy's gradients are averaged over the ranks, so all perturb alike.
     """
 
     def __init__(self, model: nn.Module, *, gamma: float = 0.005, warmup_epochs: int = 10) -> None:
@@ -44,6 +46,11 @@ class AWP:
         self._proxy_sgd.param_groups[0]["lr"] = lr
         self._proxy_sgd.zero_grad(set_to_none=True)
         (-out["loss"]).backward()
+        if dist.is_available() and dist.is_initialized():  # one perturbation for all ranks
+            for p in self.proxy.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(dist.get_world_size())
         self._proxy_sgd.step()
         model_weights = self._weights(self.model)
         diff = {}

@@ -87,7 +87,7 @@ class AwpConfig:
 @dataclass
 class TrainConfig:
     epochs: int = opt(200, ge=1)
-    batch_size: int = opt(128, ge=1)
+    batch_size: int = opt(128, ge=1, doc="global batch: split evenly over the processes")
     lr: float = opt(0.2, gt=0)
     lr_schedule: str = opt("cosine", choices=("cosine", "piecewise", "cosinew"))
     lr_warmup_epochs: int = opt(0, ge=0)
@@ -109,6 +109,7 @@ class TrainConfig:
     channels_last: bool = opt(False, doc="channels_last memory format (CUDA)")
     compile: bool = opt(False, doc="torch.compile the training forward (CUDA)")
     cudnn_benchmark: bool = opt(True, doc="let cuDNN pick the fastest kernels (CUDA)")
+    sync_bn: bool = opt(False, doc="synchronize BatchNorm statistics across GPUs (DDP)")
 
 
 @dataclass

@@ -13,16 +13,17 @@ METRIC_FIELDS = ("epoch", "lr", "loss", "ce", "robust", "train_acc", "clean_acc"
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, *, echo: bool = True) -> None:
-        self.run_dir, self.echo = run_dir, echo
+    def __init__(self, run_dir: Path, *, echo: bool = True, write: bool = True) -> None:
+        self.run_dir, self.echo, self.write = run_dir, echo, write  # write: False off rank 0
         self.metrics_path = run_dir / "metrics.csv"
 
     def log(self, message: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
         if self.echo:
             print(line, flush=True)
-        with open(self.run_dir / "train.log", "a") as f:
-            f.write(line + "\n")
+        if self.write:
+            with open(self.run_dir / "train.log", "a") as f:
+                f.write(line + "\n")
 
     def logged_epochs(self) -> list[int]:
         if not self.metrics_path.exists():
@@ -31,6 +32,8 @@ class RunLog:
             return [int(row["epoch"]) for row in csv.DictReader(f)]
 
     def append_metrics(self, row: dict[str, Any]) -> None:
+        if not self.write:
+            return
         new = not self.metrics_path.exists()
         with open(self.metrics_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)

@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from advgkl import distributed
 from advgkl.attacks import PGDAttack, attack_schedule
 from advgkl.awp import AWP
 from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
@@ -140,16 +142,22 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     if cfg.data.generated:
         raise UserError("data.generated: training on generated data arrives with the scale "
                         "issue; this config validates but cannot run yet")
+    ranks, device_name = distributed.setup(cfg.train.device)
+    if cfg.train.batch_size % ranks.world:
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} (the global batch) must divide "
+                        f"evenly over {ranks.world} processes")
     if resume and not (run_dir / "last.pt").is_file():
         raise UserError(f"{run_dir}: nothing to resume (no last.pt)")
-    if not resume:
-        if run_dir.exists():
-            raise UserError(f"{run_dir} already exists; resume it with --resume {run_dir} or "
-                            "choose another run.name (nothing was overwritten)")
+    if not resume and run_dir.exists():
+        raise UserError(f"{run_dir} already exists; resume it with --resume {run_dir} or "
+                        "choose another run.name (nothing was overwritten)")
+    distributed.barrier(ranks)  # every rank has checked before rank 0 creates the folder
+    if not resume and ranks.main:
         run_dir.mkdir(parents=True)
         save_config(cfg, run_dir / "config.yaml")
-    device = device or resolve_device(cfg.train.device)
-    log = RunLog(run_dir, echo=echo)
+    distributed.barrier(ranks)
+    device = device or resolve_device(device_name)
+    log = RunLog(run_dir, echo=echo and ranks.main, write=ranks.main)
     seed_everything(cfg.train.seed)
 
     # Data: the training set, and the first holdout_size test points for the per-epoch check.
@@ -165,8 +173,17 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     # Model (and its compiled training view), optimizer, prior, objective, AWP, EMA.
     kernels = kernel_options(cfg, device, log)
     memory_format = torch.channels_last if kernels["channels_last"] else torch.contiguous_format
-    model = create_model(cfg.model.arch, num_classes).to(device, memory_format=memory_format)
+    model = create_model(cfg.model.arch, num_classes)
+    if cfg.train.sync_bn and ranks.world > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.log("train.sync_bn needs CUDA (NCCL); ignored: each process keeps its own BN")
+    model = model.to(device, memory_format=memory_format)
     net = torch.compile(model) if kernels["compile"] else model  # same parameters as `model`
+    # The attack runs on `net` (no gradient sync); the training forward through DDP.
+    train_net = (DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+                 if ranks.world > 1 else net)
     train_amp = torch.autocast(device.type, torch.bfloat16, enabled=kernels["precision"])
     attack_amp = torch.autocast(device.type, torch.bfloat16, enabled=kernels["attack_precision"])
     optimizer = build_optimizer(model, cfg)
@@ -201,14 +218,20 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             step_size=cfg.attack.step_size, steps=cfg.attack.steps)
         attack = PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=cfg.attack.norm,
                            objective=cfg.attack.objective, random_start=cfg.attack.random_start)
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        # The same permutation for any number of processes: rank r takes every world-th image,
+        # so the ranks' batches at a step together form the single-process batch.
+        sampler = DistributedSampler(dataset, num_replicas=ranks.world, rank=ranks.rank,
+                                     shuffle=True, seed=cfg.train.seed)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size // ranks.world,
+                            sampler=sampler, num_workers=cfg.data.num_workers,
+                            pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
         net.train()
         sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "correct": 0, "seen": 0}
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
-                   disable=None if echo else True)  # None: off when not a terminal
+                   disable=None if echo and ranks.main else True)  # None: off if no terminal
         for i, (x, y) in enumerate(bar):
             lr = learning_rate(cfg.train.lr_schedule, epoch, cfg.train.epochs, i / len(loader),
                                lr=cfg.train.lr, warmup=cfg.train.lr_warmup_epochs,
@@ -227,7 +250,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             with train_amp:
                 diff = (awp.perturb(objective, x, x_adv, y, rows, lr=lr)
                         if awp is not None and awp.active(epoch) else None)
-                logits_adv, logits_nat = net(x_adv), net(x)
+                logits_adv, logits_nat = train_net(x_adv), train_net(x)
                 out = _step_objective(objective, logits_nat, logits_adv, y, rows,
                                       cfg.data.two_view, cfg.data.aug_weight)
             # One device sync per step for the logs and the finiteness check.
@@ -257,17 +280,24 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                             img_s=f"{sums['seen'] / (time.perf_counter() - start):.0f}")
         prior.end_epoch()
         seconds = time.perf_counter() - start
+        totals = distributed.all_reduce_sum(
+            [sums[k] for k in ("loss", "ce", "robust", "correct", "seen")], ranks, device)
+        distributed.assert_ranks_agree(
+            torch.stack([p.detach().double().sum() for p in model.parameters()]
+                        + [prior.prior.double().sum()]), ranks, "weights or class prior")
+        if not ranks.main:  # rank 0 evaluates, logs and saves
+            continue
 
         eval_model = ema.module if cfg.train.select_with_ema and ema.started else model
         check = evaluate_pgd(eval_model, x_hold, y_hold, eps=cfg.eval.eps, norm=cfg.eval.norm,
                              steps=cfg.eval.pgd_steps, batch_size=cfg.eval.batch_size,
                              progress=False)
         clean_acc, robust_acc = check.clean_acc, check.robust_acc
-        seen = sums["seen"]
-        metrics = {"epoch": epoch, "lr": lr, "loss": sums["loss"] / seen,
-                   "ce": sums["ce"] / seen, "robust": sums["robust"] / seen,
-                   "train_acc": sums["correct"] / seen, "clean_acc": clean_acc,
-                   "robust_acc": robust_acc, "eps": eps, "attack_steps": steps,
+        loss_sum, ce_sum, robust_sum, correct, seen = totals
+        metrics = {"epoch": epoch, "lr": lr, "loss": loss_sum / seen, "ce": ce_sum / seen,
+                   "robust": robust_sum / seen, "train_acc": correct / seen,
+                   "clean_acc": clean_acc, "robust_acc": robust_acc, "eps": eps,
+                   "attack_steps": steps,
                    "eval_weights": "ema" if eval_model is ema.module else "model",
                    "images_per_s": seen / seconds, "seconds": seconds}
         is_best = robust_acc > best
@@ -286,4 +316,6 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                 f", clean {100 * clean_acc:.2f}%, PGD-{cfg.eval.pgd_steps} {100 * robust_acc:.2f}% "
                 f"({metrics['eval_weights']}), {metrics['images_per_s']:.0f} img/s"
                 f"{', best' if is_best else ''}")
+    distributed.barrier(ranks)
+    distributed.teardown(ranks)
     return metrics
