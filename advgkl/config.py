@@ -203,15 +203,22 @@ def _check_field(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}: {value!r} must be {sign} {bound}")
 
 
+def linf_size_problem(value: float) -> str | None:
+    """What is wrong with a Linf perturbation size on [0,1] images, if anything."""
+    if value > 1:
+        return (f"{value:g} is larger than 1, but Linf sizes are on [0,1] images; "
+                f"did you mean {value:g}/255?")
+    return None
+
+
 def _check_section(prefix: str, section: Any) -> None:
     """Cross-field rules: Linf sizes live on [0,1] images; piecewise milestones fit the run."""
     norm = getattr(section, "norm", None)
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        if f.metadata.get("eps") and norm == "Linf" and value > 1:
-            raise ConfigError(
-                f"{prefix}.{f.name}: {value:g} is larger than 1, but Linf sizes are on [0,1] "
-                f"images; did you mean {value:g}/255?")
+        problem = linf_size_problem(value) if f.metadata.get("eps") and norm == "Linf" else None
+        if problem:
+            raise ConfigError(f"{prefix}.{f.name}: {problem}")
     if isinstance(section, TrainConfig) and section.lr_schedule == "piecewise":
         ms = section.lr_milestones
         if ms != sorted(ms) or any(not 0 < m < section.epochs for m in ms):

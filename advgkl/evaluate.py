@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from advgkl.attacks import PGDAttack
+from advgkl.config import linf_size_problem
 from advgkl.errors import UserError
 
 # pyautoattack is imported where it is used, so training (which reuses the quick PGD evaluation)
@@ -99,9 +100,9 @@ def resolve_attacks(version: str, attacks: Sequence[str] | None) -> list[str]:
 
 
 def check_eps(eps: float, norm: str) -> None:
-    if norm == "Linf" and eps > 1:
-        raise UserError(f"eps {eps:g} is larger than 1, but Linf sizes are on [0,1] images; "
-                        f"did you mean {eps:g}/255?")
+    problem = linf_size_problem(eps) if norm == "Linf" else None
+    if problem:
+        raise UserError(f"eps {problem}")
     if eps <= 0:
         raise UserError(f"eps must be > 0, got {eps:g}")
 
