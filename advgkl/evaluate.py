@@ -64,9 +64,6 @@ class EvalResult:
     def robust_acc(self) -> float:
         return sum(self.robust_flags) / self.n_examples
 
-    def acc_after(self, attack: str) -> float:
-        return next(a["robust"] for a in self.per_attack if a["attack"] == attack) / self.n_examples
-
     @property
     def standard(self) -> bool:
         return self.version == "standard" and self.attacks == VERSIONS["standard"]

@@ -16,7 +16,6 @@ from advgkl.evaluate import EvalResult
 from advgkl.models import WRN_PATTERN
 
 LEADERBOARD_N = 10_000
-META_FIELDS = ("link", "name", "authors", "venue", "additional_data", "reported", "footnote")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
