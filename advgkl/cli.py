@@ -33,6 +33,15 @@ def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    from advgkl.generated import convert, locate
+
+    out = convert(args.src, args.out)
+    n = locate(out, "image").shape[0]
+    print(f"wrote {out}/image.npy and label.npy ({n} images); train with data.generated={out}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from advgkl.config import load_config
     from advgkl.train import run_dir_for, train
@@ -142,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from last.pt")
     train.set_defaults(func=_cmd_train)
+
+    data = commands.add_parser("data", help="prepare generated training data",
+                               description="Prepare generated training data.")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    conv = data_commands.add_parser(
+        "convert", help="stream an .npz (image, label) into a folder of .npy files",
+        description="Stream SRC.npz (DM-AT's format: image (N, H, W, 3) uint8, label (N,); "
+                    "compressed or not) chunk by chunk into OUT/image.npy and OUT/label.npy, "
+                    "never holding the data in memory. Needs the data's size in free disk; "
+                    "OUT must not exist. Uncompressed .npz files can also be trained on directly.")
+    conv.add_argument("src", metavar="SRC.npz")
+    conv.add_argument("out", metavar="OUT")
+    conv.set_defaults(func=_cmd_data_convert)
 
     ev = commands.add_parser(
         "eval", help="AutoAttack evaluation and RobustBench records",

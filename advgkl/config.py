@@ -42,7 +42,10 @@ class DataConfig:
     two_view: bool = opt(False, doc="train on a basic view and an `augment` view of each image")
     aug_weight: float = opt(1.0, ge=0, doc="weight of the augmented view's robust term")
     num_workers: int = opt(4, ge=0)
-    generated: str = opt("", doc="generated images (.npz with image, label); empty: none")
+    device_augment: bool = opt(False, doc="basic augmentation (crop+flip) on uint8 batches on "
+                               "the training device instead of in the loader")
+    generated: str = opt("", doc="generated images: .npz (image, label) or an `advgkl data "
+                         "convert` folder; empty: none")
     generated_fraction: float = opt(0.0, ge=0, le=1, doc="share of generated images per batch")
     epoch_samples: int = opt(0, ge=0, doc="samples per epoch with generated data; 0: train set size")
 

@@ -31,7 +31,8 @@ DIGITS_SPLIT_SEED = 0
 
 @dataclass
 class Split:
-    """Images (N, 3, H, W) uint8 and labels (N,) int64, in the data set's own order."""
+    """Images (N, 3, H, W) uint8 and labels (N,) integers, in the data set's own order; images
+    can be a tensor or an object indexed like one (generated images on disk)."""
 
     images: Tensor
     labels: Tensor
@@ -109,6 +110,29 @@ def image_transform(augment: str, size: int) -> Callable[[Tensor], Tensor]:
     raise UserError(f"data.augment: {augment!r} is not one of none, basic, autoaugment, cutout")
 
 
+def random_crop_flip(images: Tensor, padding: int = 4) -> Tensor:
+    """Basic augmentation of a uint8 batch (B, C, H, W) on its own device: a crop at a uniform
+    offset from the zero-padded image, then a horizontal flip with probability 1/2, per image,
+    the same distribution as RandomCrop(padding) + RandomHorizontalFlip on the CPU."""
+    b, c, h, w = images.shape
+    dev = images.device
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    top = torch.randint(2 * padding + 1, (b, 1), device=dev)
+    left = torch.randint(2 * padding + 1, (b, 1), device=dev)
+    flip = torch.rand(b, 1, device=dev) < 0.5
+    cols = torch.arange(w, device=dev)
+    cols = left + torch.where(flip, w - 1 - cols, cols)                       # (B, W)
+    rows = top + torch.arange(h, device=dev)                                  # (B, H)
+    return padded[torch.arange(b, device=dev)[:, None, None, None],
+                  torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def keep_uint8(img: Tensor) -> Tensor:
+    """The identity transform: images travel as uint8 and are augmented on the device."""
+    return img
+
+
 class ImageDataset(Dataset):
     """A Split with a transform; with `second` it yields ((view, second view), label)."""
 
@@ -120,16 +144,19 @@ class ImageDataset(Dataset):
         return len(self.split.labels)
 
     def __getitem__(self, i: int):
-        img, label = self.split.images[i], self.split.labels[i]
+        img, label = self.split.images[i], int(self.split.labels[i])
         if self.second is None:
             return self.transform(img), label
         return (self.transform(img), self.second(img)), label
 
 
-def train_dataset(split: Split, *, augment: str, two_view: bool) -> ImageDataset:
+def train_dataset(split: Split, *, augment: str, two_view: bool,
+                  on_device: bool = False) -> ImageDataset:
     """Single view with `augment`, or (basic view, `augment` view) pairs as in the paper's
-    AutoAugment runs."""
+    AutoAugment runs; `on_device`: uint8 images, augmented later by `random_crop_flip`."""
     size = split.images.shape[-1]
+    if on_device:
+        return ImageDataset(split, keep_uint8)
     if two_view:
         return ImageDataset(split, image_transform("basic", size), image_transform(augment, size))
     return ImageDataset(split, image_transform(augment, size))

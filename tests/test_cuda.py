@@ -142,3 +142,37 @@ def test_bf16_channels_last_compile_training_on_the_gpu(tmp_path, options):
     metrics = train(cfg, tmp_path / "run", echo=False)
     assert metrics["clean_acc"] > 0.5 and "ignored" not in (tmp_path / "run" / "train.log").read_text()
     model_from_checkpoint(load_checkpoint(tmp_path / "run" / "last.pt"))  # plain keys, no _orig_mod
+
+
+def test_device_crop_flip_on_the_gpu_gives_uniform_valid_crops():
+    from scipy.stats import chisquare
+
+    from advgkl.data import random_crop_flip
+    from test_data import crop_flip_outcomes, fake_split, outcome_counts
+
+    img = fake_split(1).images[0]
+    torch.manual_seed(0)
+    out = random_crop_flip(img.to(DEVICE).expand(16_200, -1, -1, -1))
+    assert out.device.type == "cuda" and out.dtype == torch.uint8
+    counts = outcome_counts(out.cpu(), crop_flip_outcomes(img))
+    assert chisquare(counts.numpy()).pvalue > 1e-3
+
+
+def test_generated_data_with_device_augmentation_on_the_gpu(tmp_path):
+    from pathlib import Path
+
+    import numpy as np
+
+    from advgkl.config import load_config
+    from advgkl.train import train
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "g.npz", image=rng.integers(0, 256, (2000, 16, 16, 3), dtype=np.uint8),
+             label=rng.integers(0, 10, 2000))
+    demo = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
+    cfg = load_config(demo, ["train.device=cuda", "train.epochs=2", "data.augment=basic",
+                             "data.device_augment=true", f"data.generated={tmp_path / 'g.npz'}",
+                             "data.generated_fraction=0.5", "data.epoch_samples=2048",
+                             "train.precision=bf16", "train.channels_last=true"])
+    metrics = train(cfg, tmp_path / "run", echo=False)
+    assert metrics["epoch"] == 2 and np.isfinite(metrics["loss"])

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from advgkl.data import Cutout, Split, image_transform, load_split, train_dataset
+import torchvision.transforms.v2 as T
+
+from advgkl.data import (Cutout, Split, image_transform, load_split, random_crop_flip,
+                         train_dataset)
 from advgkl.errors import UserError
 
 
@@ -56,3 +59,43 @@ def test_two_view_dataset_yields_basic_and_augmented_views():
     assert basic.shape == augmented.shape == (3, 16, 16) and label == 3
     single = train_dataset(fake_split(), augment="basic", two_view=False)[3]
     assert single[0].shape == (3, 16, 16)
+
+
+def crop_flip_outcomes(img, padding=4):
+    """Every image RandomCrop(padding) + RandomHorizontalFlip can give, keyed by its bytes."""
+    h, w = img.shape[-2:]
+    padded = torch.nn.functional.pad(img, (padding,) * 4)
+    outcomes = {}
+    for top in range(2 * padding + 1):
+        for left in range(2 * padding + 1):
+            crop = padded[:, top:top + h, left:left + w]
+            for flip in (False, True):
+                out = crop.flip(-1) if flip else crop
+                outcomes[out.contiguous().numpy().tobytes()] = len(outcomes)
+    return outcomes
+
+
+def outcome_counts(outputs, outcomes):
+    counts = torch.zeros(len(outcomes), dtype=torch.int64)
+    for out in outputs:
+        counts[outcomes[out.contiguous().numpy().tobytes()]] += 1  # KeyError: impossible image
+    return counts
+
+
+def test_device_crop_flip_has_the_cpu_paths_distribution():
+    """Both paths give only the 162 possible crops/flips, at frequencies a chi-square test cannot
+    tell apart (from each other, and from uniform)."""
+    from scipy.stats import chi2_contingency, chisquare
+
+    img = fake_split(1).images[0]
+    outcomes = crop_flip_outcomes(img)
+    assert len(outcomes) == 162                       # all distinct for this random image
+    n = 16_200
+    torch.manual_seed(0)
+    device = outcome_counts(random_crop_flip(img.expand(n, -1, -1, -1)), outcomes)
+    cpu_path = T.Compose([T.RandomCrop(16, padding=4), T.RandomHorizontalFlip()])
+    cpu = outcome_counts((cpu_path(img) for _ in range(n)), outcomes)
+    assert device.sum() == cpu.sum() == n
+    assert chi2_contingency(torch.stack([device, cpu]).numpy()).pvalue > 1e-3
+    assert chisquare(device.numpy()).pvalue > 1e-3
+    assert random_crop_flip(img[None]).dtype == torch.uint8

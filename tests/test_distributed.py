@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,9 +64,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_under_ddp(tmp_path):
-    proc = subprocess.Popen(train_cmd(tmp_path, "run"), stdout=subprocess.PIPE, text=True,
-                            env=ENV, start_new_session=True)
+def test_resume_under_ddp_with_generated_data_augmented_on_the_device(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "g.npz", image=rng.integers(0, 256, (500, 16, 16, 3), dtype=np.uint8),
+             label=rng.integers(0, 10, 500))
+    generated = [f"data.generated={tmp_path / 'g.npz'}", "data.generated_fraction=0.5",
+                 "data.epoch_samples=640", "data.augment=basic", "data.device_augment=true"]
+    proc = subprocess.Popen(train_cmd(tmp_path, "run", *generated), stdout=subprocess.PIPE,
+                            text=True, env=ENV, start_new_session=True)
     for line in proc.stdout:
         if " epoch 1: " in line:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
@@ -75,7 +81,8 @@ def test_resume_under_ddp(tmp_path):
     resumed = subprocess.run(torchrun("train", "--resume", str(tmp_path / "run")),
                              capture_output=True, text=True, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 2 and last["step"] == 20      # 2 epochs of 640 samples, batch 64
     epochs = [r.split(",")[0] for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
     assert epochs[1:] == ["1", "2"]
 

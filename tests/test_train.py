@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,11 +82,13 @@ def test_every_shipped_config_trains_on_a_tiny_model(path, tmp_path, monkeypatch
     assert path.read_text().startswith("#") and "advgkl train" in path.read_text().split("\n")[1]
     monkeypatch.setattr(train_mod, "load_split", fake_load_split)
     cfg = load_config(path)
-    cfg = load_config(path, tiny_overrides(cfg))
-    if cfg.data.generated:  # generated-data configs validate; training them lands later
-        with pytest.raises(UserError, match="data.generated"):
-            train(cfg, tmp_path / "run", echo=False)
-        return
+    overrides = tiny_overrides(cfg)
+    if cfg.data.generated:  # a small generated file in the configured format, 32 samples/epoch
+        np.savez(tmp_path / "generated.npz",
+                 image=np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+                 label=np.arange(40) % NUM_CLASSES[cfg.data.dataset])
+        overrides += [f"data.generated={tmp_path / 'generated.npz'}", "data.epoch_samples=16"]
+    cfg = load_config(path, overrides)
     metrics = train(cfg, tmp_path / "run", echo=False)
     assert math.isfinite(metrics["loss"]) and metrics["epoch"] == 1
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -189,7 +192,7 @@ def test_demo_learns_robustness_that_plain_training_lacks(tmp_path):
 @pytest.mark.parametrize("exempt", [False, True])
 def test_optimizer_weight_decay_groups(exempt):
     from advgkl.models import create_model
-    from advgkl.train import build_optimizer
+    from advgkl.step import build_optimizer
 
     model = create_model("small-cnn", 10)
     cfg = load_config(DEMO, [f"train.no_decay_bn_bias={str(exempt).lower()}",
@@ -216,3 +219,45 @@ def test_cuda_options_are_ignored_with_a_message_on_cpu(tmp_path, monkeypatch):
     log = (tmp_path / "run" / "train.log").read_text()
     for name in ("precision", "attack_precision", "channels_last", "compile"):
         assert f"train.{name} is a CUDA option; ignored on cpu" in log
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.device_augment=true", "data.augment=autoaugment"], "data.device_augment"),
+    (["data.device_augment=true", "data.two_view=true"], "data.device_augment"),
+    (["data.generated_fraction=0.7"], "need data.generated"),
+    (["data.generated=missing.npz", "data.generated_fraction=0.7"], "missing.npz"),
+])
+def test_data_options_that_cannot_work_are_refused(tmp_path, overrides, message):
+    cfg = load_config(DEMO, ["data.num_workers=0", *overrides])
+    with pytest.raises(UserError, match=message):
+        train(cfg, tmp_path / "run", echo=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_generated_images_and_device_augmentation_train_and_resume_exactly(tmp_path, monkeypatch):
+    """Digits plus a generated file (70 % per batch), augmented on the device: the run trains,
+    and resuming after a crash at the end of epoch 1 reproduces the uninterrupted run exactly."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "g.npz", image=rng.integers(0, 256, (300, 16, 16, 3), dtype=np.uint8),
+             label=rng.integers(0, 10, 300))
+    overrides = ["data.num_workers=0", "model.arch=small-cnn", "eval.holdout_size=32",
+                 "train.epochs=2", "train.batch_size=50", f"data.generated={tmp_path / 'g.npz'}",
+                 "data.generated_fraction=0.7", "data.epoch_samples=100",
+                 "data.augment=basic", "data.device_augment=true"]
+    cfg = load_config(DEMO, overrides)
+    train(cfg, tmp_path / "full", echo=False)
+    log = (tmp_path / "full" / "train.log").read_text()
+    assert "1437 real + 300 generated images" in log and "70% generated per batch" in log
+    assert load_checkpoint(tmp_path / "full" / "last.pt")["step"] == 4   # 2 epochs x 2 batches
+
+    def crash(self):  # after epoch 1's last.pt and metrics row were written
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(train_mod.RunLog, "plot", crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        train(cfg, tmp_path / "cut", echo=False)
+    monkeypatch.undo()
+    train(cfg, tmp_path / "cut", resume=True, echo=False)
+    full, cut = (load_checkpoint(tmp_path / r / "last.pt") for r in ("full", "cut"))
+    for key, value in full["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
