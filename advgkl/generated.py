@@ -90,7 +90,10 @@ def locate(path: str | Path, name: str) -> NpyLocation:
     with open(file, "rb") as f:
         f.seek(start)
         shape, dtype = _read_npy_header(f, f"{path} ({name})")
-        return NpyLocation(file, f.tell(), shape, dtype)
+        where = NpyLocation(file, f.tell(), shape, dtype)
+    if file.stat().st_size < where.offset + int(np.prod(shape)) * dtype.itemsize:
+        raise UserError(f"{path}: '{name}' is truncated (the file is shorter than its header says)")
+    return where
 
 
 class DiskImages:
@@ -189,9 +192,10 @@ def convert(src: str | Path, dst: str | Path, *, progress: bool = True) -> Path:
     return dst
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)  # the current and next pass of the real and generated streams
 def _permutation(n: int, seed: int) -> Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    dtype = torch.int32 if n < 2**31 else torch.int64  # 200 MB for 50M images
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def permutation_stream(n: int, start: int, count: int, seed: int) -> Tensor:
@@ -203,7 +207,7 @@ def permutation_stream(n: int, start: int, count: int, seed: int) -> Tensor:
         take = min(n - offset, start + count - pos)
         out.append(_permutation(n, seed * 1_000_003 + p)[offset:offset + take])
         pos += take
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+    return torch.cat(out).long() if out else torch.empty(0, dtype=torch.int64)
 
 
 class MixedBatchSampler(Sampler[list[int]]):

@@ -77,6 +77,14 @@ def test_missing_or_foreign_paths_are_named(tmp_path):
         open_generated(tmp_path / "bad.npz", num_classes=10, image_size=16)
     with pytest.raises(UserError, match="no image.npy"):
         open_generated(tmp_path, num_classes=10, image_size=16)
+    image, label = images_and_labels(10)
+    (tmp_path / "conv").mkdir()
+    np.save(tmp_path / "conv" / "image.npy", image)
+    np.save(tmp_path / "conv" / "label.npy", label)
+    with open(tmp_path / "conv" / "image.npy", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)                    # an interrupted copy
+    with pytest.raises(UserError, match="'image' is truncated"):
+        open_generated(tmp_path / "conv", num_classes=10, image_size=16)
 
 
 def test_permutation_stream_visits_every_index_once_per_pass():

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The one command a lent GPU runs (see docs/benchmarks.md), in about 6-8 minutes on one H100:
+#   bash scripts/gpu_check.sh     # log.txt, summary.txt and JSON files in $OUT or ./gpu_check_out
+# Uses the PyTorch installed there; packages it lacks (pyautoattack) travel as wheels in the
+# git-ignored .whl/ folder and are installed with `pip install --no-index --target`. Steps, each
+# with its own time limit so one slow step cannot cost the others' results:
+#   1. machine facts; 2. bench_step.py for WRN-34-10, batch 128 and 256, K=5, AWP on (reference
+#   fp32 vs ours fp32 / bf16 / bf16+channels_last); 3. bf16-vs-fp32 loss curve; 4. APGD-CE timing
+#   on WRN-34-10, 512 points, fp32; 5. the CUDA-marked tests; 6. bf16+channels_last+compile.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+failed=()
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, append to $OUT/log.txt
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)" | tee -a "$OUT/log.txt"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | grep -v '^USDT' | tee -a "$OUT/log.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$OUT/log.txt"
+    [ "$rc" = 0 ] || failed+=("$name($rc)")
+}
+
+step machine 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+    python3 -c 'import torch; print(\"torch\", torch.__version__, torch.cuda.get_device_name())'; \
+    git log -1 --format='commit %h %cd' 2>/dev/null || true"
+BENCH=(python3 scripts/bench_step.py --device cuda --model wrn-34-10 --steps 5 --repeats 10)
+step bench_step_b128 120 "${BENCH[@]}" --batch-size 128 --warmup 3 \
+    --variants reference,fp32,bf16,bf16-cl --json "$OUT/bench_step_b128.json"
+step bench_step_b256 150 "${BENCH[@]}" --batch-size 256 --warmup 3 \
+    --variants reference,fp32,bf16,bf16-cl --loss-curve 30 --json "$OUT/bench_step_b256.json"
+step apgd_timing 90 python3 scripts/bench_eval.py --apgd-model wrn-34-10 --apgd-points 512 \
+    --device cuda --json "$OUT/apgd_timing.json"
+step cuda_tests 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step bench_step_compile 200 "${BENCH[@]}" --batch-size 256 --warmup 4 \
+    --variants bf16-cl,bf16-cl-compile --json "$OUT/bench_step_compile.json"
+
+echo "failed steps: ${failed[*]:-none}" | tee "$OUT/summary.txt"
+[ ${#failed[@]} = 0 ]

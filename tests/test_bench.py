@@ -1,0 +1,46 @@
+"""The training-step benchmark: its reference computes the same step as ours, and it runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import bench_step  # noqa: E402
+
+from advgkl.models import create_model  # noqa: E402
+
+
+@pytest.mark.parametrize("awp", [False, True])
+def test_reference_step_computes_the_same_first_loss_as_ours(awp):
+    """Same weights, batch and seed: the paper-style step and `TrainStep` agree on the loss.
+    Pixels stay away from 0 and 1, where the reference's unclamped attack start differs."""
+    class Args:
+        model, batch_size, steps, no_awp = "wrn-10-1", 16, 3, not awp
+
+    torch.manual_seed(0)
+    init = create_model("wrn-10-1", 10)
+    x, y = torch.rand(16, 3, 32, 32) * 0.98 + 0.01, torch.arange(16) % 10
+    losses = {}
+    for variant in ("reference", "fp32"):
+        torch.manual_seed(1)
+        losses[variant] = bench_step.build(variant, init, Args, torch.device("cpu"))(x, y)
+    assert losses["fp32"] == pytest.approx(losses["reference"], rel=1e-4)
+
+
+def test_bench_step_runs_and_writes_json(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_step.py"), "--model", "wrn-10-1", "--batch-size", "4",
+         "--steps", "1", "--repeats", "1", "--warmup", "0", "--variants", "reference,fp32",
+         "--loss-curve", "2", "--device", "cpu", "--json", str(tmp_path / "out.json")],
+        capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["reference", "fp32"]
+    assert result["rows"][0]["speedup_vs_reference"] == 1.0
+    assert set(result["loss_curve"]["mean_abs_diff_vs_fp32"]) == {
+        "fp32-attack-seed", "fp32-other-data", "bf16"}
