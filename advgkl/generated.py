@@ -55,15 +55,24 @@ def _read_npy_header(f: BinaryIO, what: str) -> tuple[tuple[int, ...], np.dtype]
     return shape, dtype
 
 
-def _npz_start(path: Path, name: str) -> int:
-    """Byte offset of member `name`.npy inside the zip `path`; it must be stored uncompressed."""
+def _open_npz(path: Path) -> zipfile.ZipFile:
     try:
-        with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo(f"{name}.npy")
-    except KeyError:
-        raise UserError(f"{path}: no '{name}' array (expected {', '.join(MEMBERS)})") from None
+        return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def _member(zf: zipfile.ZipFile, path: Path, name: str) -> zipfile.ZipInfo:
+    try:
+        return zf.getinfo(f"{name}.npy")
+    except KeyError:
+        raise UserError(f"{path}: no '{name}' array (expected {', '.join(MEMBERS)})") from None
+
+
+def _npz_start(path: Path, name: str) -> int:
+    """Byte offset of member `name`.npy inside the zip `path`; it must be stored uncompressed."""
+    with _open_npz(path) as zf:
+        info = _member(zf, path, name)
     if info.compress_type != zipfile.ZIP_STORED:
         raise UserError(f"{path}: compressed, so it cannot be read in place; run once "
                         f"`advgkl data convert {path} DIR` and set data.generated=DIR")
@@ -161,20 +170,12 @@ def convert(src: str | Path, dst: str | Path, *, progress: bool = True) -> Path:
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise UserError(f"{dst} already exists; choose another folder (nothing was overwritten)")
-    try:
-        zf = zipfile.ZipFile(src)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise UserError(f"{src}: not a readable .npz file ({exc})") from None
     tmp = dst.with_name(dst.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with zf:
-        for name in MEMBERS:
-            try:
-                member = zf.open(f"{name}.npy")
-            except KeyError:
-                raise UserError(f"{src}: no '{name}' array (expected "
-                                f"{', '.join(MEMBERS)})") from None
-            with member, open(tmp / f"{name}.npy", "wb") as out:
+    with _open_npz(src) as zf:
+        infos = [_member(zf, src, name) for name in MEMBERS]
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, info in zip(MEMBERS, infos):
+            with zf.open(info) as member, open(tmp / f"{name}.npy", "wb") as out:
                 shape, dtype = _read_npy_header(member, f"{src} ({name})")
                 np.lib.format.write_array_header_2_0(
                     out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,

@@ -102,17 +102,17 @@ class TrainStep:
                  lr: float) -> dict[str, float]:
         """One step on the loader's batch (x, y); returns the batch's mean loss terms, its count
         of correct clean predictions and its size. A non-finite loss returns before any update."""
-        cfg, device = self.cfg.data, self.device
+        data, device = self.cfg.data, self.device
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if cfg.two_view:  # (basic, augmented) views: one batch, labels twice
+        if data.two_view:  # (basic, augmented) views: one batch, labels twice
             x, y = torch.cat(x), torch.cat([y, y])
         x = x.to(device, non_blocking=True)
-        if cfg.device_augment:
+        if data.device_augment:
             x = to_unit_float(random_crop_flip(x))
         x = x.contiguous(memory_format=self.memory_format)
         y = y.to(device, non_blocking=True)
-        n_basic = len(y) // 2 if cfg.two_view else len(y)
+        n_basic = len(y) // 2 if data.two_view else len(y)
 
         with self.attack_amp:
             x_adv = attack(self.net, x, y)
@@ -122,8 +122,8 @@ class TrainStep:
             diff = (self.awp.perturb(self.objective, x, x_adv, y, rows, lr=lr) if awp_on
                     else None)
             logits_adv, logits_nat = self.train_net(x_adv), self.train_net(x)
-            out = _step_objective(self.objective, logits_nat, logits_adv, y, rows, cfg.two_view,
-                                  cfg.aug_weight)
+            out = _step_objective(self.objective, logits_nat, logits_adv, y, rows, data.two_view,
+                                  data.aug_weight)
         # One device sync per step for the logs and the finiteness check.
         values = torch.stack([out["loss"].detach(), out["ce"].detach(), out["robust"].detach(),
                               (logits_nat.argmax(1) == y).sum().to(out["loss"].dtype)]).tolist()
