@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # The main job: GKL adversarial training on the embedded digits data, then standard AutoAttack
-# on its 360 test images, on the CPU (about 3 minutes). Each run gets its own folder and record
+# on its 360 test images, on the CPU (about 1 minute). Each run gets its own folder and record
 # name, so nothing earlier is overwritten.
 DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)

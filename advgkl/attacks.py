@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advgkl.losses import soft_cross_entropy
+from advgkl.losses import gkl_loss, soft_cross_entropy
 
 NORMS = ("Linf", "L2")
-OBJECTIVES = ("kl", "ce", "cw")
+OBJECTIVES = ("kl", "gkl", "ce", "cw")
 RANDOM_STARTS = ("normal", "uniform", "none")
 
 
@@ -23,12 +23,12 @@ def _per_sample_l2(t: Tensor) -> Tensor:
 
 
 def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Into the eps ball around x, then into [0, 1]."""
-    delta = x_adv - x
+    """Into the eps ball around x, then into [0, 1] (Linf: min(max(x_adv, x - eps), x + eps), the
+    form TRADES' and the paper's code use, so the same inputs give the same bits)."""
     if norm == "Linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        delta = delta * (eps / _per_sample_l2(delta).clamp_min(1e-12)).clamp(max=1.0)
+        return x_adv.clamp(x - eps, x + eps).clamp(0.0, 1.0)
+    delta = x_adv - x
+    delta = delta * (eps / _per_sample_l2(delta).clamp_min(1e-12)).clamp(max=1.0)
     return (x + delta).clamp(0.0, 1.0)
 
 
@@ -47,13 +47,19 @@ def _random_start(x: Tensor, eps: float, norm: str, kind: str) -> Tensor:
 
 @dataclass
 class PGDAttack:
-    """`attack(model, x, y, logits_nat=None) -> x_adv` for images x in [0, 1].
+    """`attack(model, x, y, logits_nat=None, prior_rows=None) -> x_adv` for images x in [0, 1].
 
-    objective "kl": soft CE against the clean softmax (KL's gradient; TRADES' and the paper's inner
-    maximization); "ce": Madry's cross-entropy; "cw": the Carlini-Wagner margin loss. The model runs in eval mode (train mode for BN if
-    `bn_train`) and its mode is restored; only the input gets gradients, never the parameters.
-    Clean logits are computed once per call when not given. The random start is projected into
-    the ball and [0, 1] like every step, so x_adv always satisfies both.
+    objective "kl": soft CE against the clean softmax (KL's gradient; TRADES' and the paper's
+    CIFAR-10 inner maximization); "gkl": alpha * sCE + beta * wMSE with the batch's class-prior
+    rows raised to gamma (`prior_rows`, required), the GKL robust term with the clean logits held
+    fixed (the paper's CIFAR-100 inner maximization: alpha = beta = gamma = 1); "ce": Madry's
+    cross-entropy; "cw": the Carlini-Wagner margin loss. The model runs in eval mode (train mode
+    for BN if `bn_train`) and its mode is restored; only the input gets gradients, never the
+    parameters. Clean logits are computed once per call when not given.
+    Random start "normal" is x + 0.001 * N(0, 1) as is, as in TRADES' and the paper's code: the
+    first gradient is taken there, slightly outside [0, 1] at saturated pixels, and only the first
+    step projects. "uniform" (Madry's) is projected before the first gradient. Every step
+    projects into the ball and [0, 1], and so does a 0-step attack: x_adv always satisfies both.
     """
 
     eps: float
@@ -63,6 +69,9 @@ class PGDAttack:
     objective: str = "kl"
     random_start: str = "normal"
     bn_train: bool = False
+    alpha: float = 1.0      # objective "gkl" only: weights of sCE and wMSE, prior exponent
+    beta: float = 1.0
+    gamma: float = 1.0
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("norm", self.norm, NORMS),
@@ -73,9 +82,13 @@ class PGDAttack:
         if self.eps < 0 or self.step_size < 0 or self.steps < 0:
             raise ValueError("eps, step_size and steps must be >= 0")
 
-    def _loss(self, logits_adv: Tensor, y: Tensor, logits_nat: Tensor | None) -> Tensor:
+    def _loss(self, logits_adv: Tensor, y: Tensor, logits_nat: Tensor | None,
+              prior_rows: Tensor | None) -> Tensor:
         if self.objective == "kl":
             return soft_cross_entropy(logits_adv, logits_nat) * logits_adv.shape[0]
+        if self.objective == "gkl":
+            return gkl_loss(logits_adv, logits_nat, prior_rows, alpha=self.alpha, beta=self.beta,
+                            gamma=self.gamma) * logits_adv.shape[0]
         if self.objective == "cw":  # Carlini-Wagner margin: best other logit minus the true one
             z = logits_adv.float()
             true = z.gather(1, y[:, None]).squeeze(1)
@@ -88,23 +101,30 @@ class PGDAttack:
             return x_adv + self.step_size * grad.sign()
         return x_adv + self.step_size * grad / _per_sample_l2(grad).clamp_min(1e-12)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor,
-                 logits_nat: Tensor | None = None) -> Tensor:
+    @property
+    def needs_prior(self) -> bool:
+        return self.objective == "gkl"
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, logits_nat: Tensor | None = None,
+                 prior_rows: Tensor | None = None) -> Tensor:
+        if self.needs_prior and prior_rows is None:
+            raise ValueError("prior_rows: objective 'gkl' needs the class-prior rows of the batch")
         was_training = model.training
         model.train(self.bn_train)
         try:
             x = x.detach()
-            if self.objective == "kl" and logits_nat is None:
+            if self.objective in ("kl", "gkl") and logits_nat is None:
                 with torch.no_grad():
                     logits_nat = model(x)
             if logits_nat is not None:
                 logits_nat = logits_nat.detach()
-            x_adv = _project(_random_start(x, self.eps, self.norm, self.random_start), x,
-                             self.eps, self.norm)
+            x_adv = _random_start(x, self.eps, self.norm, self.random_start)
+            if self.random_start != "normal" or self.steps == 0:
+                x_adv = _project(x_adv, x, self.eps, self.norm)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad():
-                    loss = self._loss(model(x_adv), y, logits_nat)
+                    loss = self._loss(model(x_adv), y, logits_nat, prior_rows)
                     (grad,) = torch.autograd.grad(loss, [x_adv])
                 x_adv = _project(self._step(x_adv.detach(), grad), x, self.eps, self.norm)
             return x_adv.detach()

@@ -107,22 +107,39 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, what: st
     model.load_state_dict(state_dict, strict=True)
 
 
+WEIGHTS = ("avg", "ema", "model")
+_AVERAGES = {"avg": ("epoch_avg", "epoch average (train.epoch_avg_tau > 0, from "
+                     "train.epoch_avg_start)"),
+             "ema": ("ema", "EMA weights yet (the EMA starts at train.ema_start_epoch)")}
+
+
+def _has(ckpt: Mapping[str, Any], weights: str) -> bool:
+    part = ckpt.get(_AVERAGES[weights][0]) or {}
+    return bool(part.get("epochs") if weights == "avg" else part.get("started"))
+
+
+def default_weights(ckpt: Mapping[str, Any]) -> str:
+    """The weights a run hands to evaluation: the epoch average once it runs (the paper's
+    pipeline), else the EMA once it runs, else the model's own."""
+    return next((w for w in ("avg", "ema") if _has(ckpt, w)), "model")
+
+
 def checkpoint_weights(ckpt: Mapping[str, Any], weights: str = "model") -> Mapping[str, Tensor]:
-    """The state dict of `weights`: "model", or "ema" (the averaged weights, once started)."""
-    if weights == "ema":
-        ema = ckpt.get("ema")
-        if not ema or not ema.get("started"):
-            raise CheckpointError("this checkpoint has no EMA weights yet (the EMA starts at "
-                                  "train.ema_start_epoch); evaluate --weights model")
-        return ema["model"]
-    if weights != "model":
-        raise CheckpointError(f"weights: {weights!r} is not model or ema")
-    return ckpt["model"]
+    """The state dict of `weights`: "model", "ema" (the per-step EMA, once started) or "avg"
+    (the epoch average, once started)."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+    if weights == "model":
+        return ckpt["model"]
+    key, missing = _AVERAGES[weights]
+    if not _has(ckpt, weights):
+        raise CheckpointError(f"this checkpoint has no {missing}; evaluate --weights model")
+    return ckpt[key]["model"]
 
 
 def model_from_checkpoint(ckpt: Mapping[str, Any], *, what: str = "checkpoint",
                           weights: str = "model") -> nn.Module:
-    """Build the checkpoint's architecture and load its `weights` ("model" or "ema")."""
+    """Build the checkpoint's architecture and load its `weights` ("model", "ema" or "avg")."""
     for key in ("arch", "num_classes", "model"):
         if key not in ckpt:
             raise CheckpointError(f"{what}: not an advgkl checkpoint (no {key!r} entry); "

@@ -42,6 +42,21 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_average(args: argparse.Namespace) -> int:
+    from advgkl.average import average_run
+    from advgkl.checkpoint import save_checkpoint
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose another --out (nothing was overwritten)")
+    ckpt = average_run(args.run_dir, tau=args.tau, start=args.start, end=args.end)
+    save_checkpoint(out, ckpt)
+    avg = ckpt["averaged"]
+    print(f"wrote {out}: epochs {avg['start']}-{avg['end']} averaged with tau {avg['tau']}; "
+          f"evaluate it with `advgkl eval {out}`")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from advgkl.config import load_config
     from advgkl.train import run_dir_for, train
@@ -92,11 +107,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_merge(args: argparse.Namespace) -> int:
-    import json
+    from advgkl.eval_job import merge_shard_files, output_paths, read_record
 
-    from advgkl.eval_job import merge_shard_files, output_paths
-
-    first = json.loads(Path(args.shards[0]).read_text())
+    first = read_record(Path(args.shards[0]))
     name = args.model_name or Path(args.shards[0]).name.split(".shard-")[0]
     out_dir = Path(args.out) / first["dataset"] / first["result"]["norm"]
     paths = output_paths(out_dir, name, first["kind"], None)
@@ -128,8 +141,15 @@ def _add_meta_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--footnote", default="")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr, exit status 2, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"advgkl: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="advgkl", description="Adversarial training with GKL/IKL and AutoAttack evaluation.")
     parser.add_argument("--version", action="version", version=f"advgkl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -187,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--state", help="state file: a restarted evaluation continues from it")
     ev.add_argument("--model-name", help="record name; default: the run folder's name")
     ev.add_argument("--out", default="results")
-    ev.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
-                    help="auto: the EMA weights when the checkpoint has them")
+    ev.add_argument("--weights", choices=("auto", "avg", "ema", "model"), default="auto",
+                    help="avg: the epoch average (the paper's final model); ema: the per-step "
+                         "EMA; model: the raw weights; auto: avg, else ema, else model, as the "
+                         "checkpoint has them")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--data-root", default="data")
     ev.add_argument("--shard", metavar="I/N", help="evaluate shard I of N (without torchrun)")
@@ -217,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export an evaluation on fewer than 10,000 points, marked partial")
     export.set_defaults(func=_cmd_export)
 
+    avg = commands.add_parser(
+        "average", help="the epoch average of a run's per-epoch checkpoints",
+        description="Average RUN_DIR/epoch-NNN.pt (kept with train.save_every=1) as the paper's "
+                    "final step does: avg <- the weights of epoch START, then avg <- (1 - tau) w_e "
+                    "+ tau avg for each later epoch up to END, over the whole state dict. Gives "
+                    "the same weights as train.epoch_avg_tau kept online.")
+    avg.add_argument("run_dir", metavar="RUN_DIR")
+    avg.add_argument("--tau", type=float, default=0.9)
+    avg.add_argument("--start", type=int, default=1)
+    avg.add_argument("--end", type=int, help="default: the last saved epoch")
+    avg.add_argument("--out", required=True, help="output checkpoint (must not exist)")
+    avg.set_defaults(func=_cmd_average)
+
     imp = commands.add_parser(
         "import-checkpoint", help="turn a foreign weights file into an advgkl checkpoint",
         description="Import a plain state dict (the paper's files, RobustBench zoo files; "
@@ -232,10 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; user errors print one line to stderr and return 2."""
+    """Run the CLI; user errors (and files that cannot be read or written) print one line to
+    stderr and return 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"advgkl: error: {exc}", file=sys.stderr)
-        return 2
+        message = str(exc)
+    except OSError as exc:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    print(f"advgkl: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2

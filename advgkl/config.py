@@ -63,8 +63,15 @@ class AttackConfig:
     eps: float = opt(8 / 255, ge=0, eps=True)
     step_size: float = opt(2 / 255, gt=0, eps=True)
     steps: int = opt(10, ge=0)
-    objective: str = opt("kl", choices=("kl", "ce"))
-    random_start: str = opt("normal", choices=("normal", "uniform", "none"))
+    objective: str = opt("kl", choices=("kl", "gkl", "ce"),
+                         doc="kl: KL's gradient (soft-label CE); gkl: alpha sCE + beta wMSE with "
+                         "the class prior (the paper's CIFAR-100 attack); ce: Madry's")
+    alpha: float = opt(1.0, ge=0, doc="objective gkl: weight of the soft-label CE")
+    beta: float = opt(1.0, ge=0, doc="objective gkl: weight of the prior-weighted wMSE")
+    gamma: float = opt(1.0, ge=0, doc="objective gkl: exponent of the class-prior rows")
+    random_start: str = opt("normal", choices=("normal", "uniform", "none"),
+                            doc="normal: x + 0.001 N(0,1), first gradient unprojected (TRADES, "
+                            "the paper); uniform: in the eps ball, projected")
     schedule: str = opt("constant",
                         choices=("constant", "linear_ramp", "paper_effective", "paper_intended"))
 
@@ -103,7 +110,13 @@ class TrainConfig:
     ema_start_epoch: int = opt(150, ge=0, doc="EMA copies the weights in this epoch, then averages; "
                                                       "past train.epochs: no EMA")
     ema_warmup: bool = opt(False, doc="decay min(tau, (1+n)/(10+n)) after n updates (DM-AT)")
-    select_with_ema: bool = opt(True, doc="evaluate and pick best.pt with the EMA once it runs")
+    select_with_ema: bool = opt(True, doc="evaluate and pick best.pt with the EMA once it runs "
+                                "(with the epoch average instead, once that runs)")
+    epoch_avg_tau: float = opt(0.0, ge=0, lt=1, doc="the authors' final step: after each epoch "
+                               "avg <- (1 - tau) w + tau avg; 0: off")
+    epoch_avg_start: int = opt(1, ge=1, doc="the epoch whose weights start the epoch average")
+    save_every: int = opt(0, ge=0, doc="keep epoch-NNN.pt (the model's weights) every N epochs; "
+                          "0: none")
     seed: int = opt(0, ge=0)
     device: str = opt("auto", doc="auto, cpu, cuda or cuda:N")
     precision: str = opt("fp32", choices=("fp32", "bf16"),
@@ -123,7 +136,13 @@ class EvalConfig:
     n_examples: int = opt(10000, ge=1)
     batch_size: int = opt(500, ge=1)
     pgd_steps: int = opt(10, ge=1, doc="steps of the per-epoch PGD check")
-    holdout_size: int = opt(1000, ge=1, doc="test points of the per-epoch check")
+    check: str = opt("val", choices=("val", "test", "none"),
+                     doc="the per-epoch check and best.pt: val, a split of the training set "
+                     "(excluded from training); test, the first holdout_size TEST points "
+                     "(selection on test data, marked in every record); none: no check, no best.pt")
+    val_size: int = opt(1024, ge=1, doc="training images held out for check=val (fixed by "
+                        "train.seed)")
+    holdout_size: int = opt(1000, ge=1, doc="test points of the per-epoch check with check=test")
 
 
 @dataclass

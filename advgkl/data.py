@@ -75,6 +75,15 @@ def load_split(dataset: str, *, train: bool, root: str = "data", download: bool 
     raise UserError(f"data.dataset: {dataset!r} is not one of {', '.join(NUM_CLASSES)}")
 
 
+def carve_validation(split: Split, size: int, seed: int) -> tuple[Split, Split]:
+    """(the rest, `size` images drawn at random with `seed`): a validation split carved from a
+    training set; both keep the data set's order."""
+    perm = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
+    val, rest = perm[:size].sort().values, perm[size:].sort().values
+    return (Split(split.images[rest], split.labels[rest]),
+            Split(split.images[val], split.labels[val]))
+
+
 class Cutout:
     """Zero one square of side `length` centred at a uniformly random pixel (DeVries & Taylor)."""
 
@@ -91,8 +100,9 @@ class Cutout:
 
 
 def to_unit_float(images: Tensor) -> Tensor:
-    """uint8 images -> float32 in [0, 1], dividing by 255 exactly as torchvision's ToTensor."""
-    return images.float().div(255)
+    """uint8 images -> floats in [0, 1] (the default dtype: float32 unless changed), dividing by
+    255 exactly as torchvision's ToTensor."""
+    return images.to(torch.get_default_dtype()).div(255)
 
 
 def image_transform(augment: str, size: int) -> Callable[[Tensor], Tensor]:

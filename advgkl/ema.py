@@ -1,4 +1,5 @@
-"""Weight EMA: an averaged copy of all parameters and buffers."""
+"""Weight averages: the per-step EMA and the epoch-level average, each a copy of all parameters
+and buffers."""
 
 from __future__ import annotations
 
@@ -48,3 +49,48 @@ class WeightEMA:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
         self.started, self.updates = state["started"], state["updates"]
+
+
+class EpochAverage:
+    """The epoch-level weight average the paper's pipeline evaluates: avg <- the weights after
+    epoch `start`, then after each later epoch e, avg <- (1 - tau) * w_e + tau * avg over the
+    whole state dict (parameters and BatchNorm running statistics, no re-estimation). Integer
+    buffers (BatchNorm's step counter, unused in eval mode) take the latest value. `module` holds
+    the average, ready to evaluate. Fed the per-epoch checkpoints afterwards, it gives the same
+    bits as when kept online during training."""
+
+    def __init__(self, model: nn.Module, *, tau: float, start: int) -> None:
+        if not 0 <= tau < 1:
+            raise ValueError(f"tau: {tau} must be in [0, 1)")
+        if start < 1:
+            raise ValueError(f"start: {start} must be an epoch >= 1")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.tau, self.start = tau, start
+        self.epochs: list[int] = []     # the epochs averaged so far
+
+    @property
+    def started(self) -> bool:
+        return bool(self.epochs)
+
+    @torch.no_grad()
+    def update(self, state: dict, epoch: int) -> None:
+        """Average in the state dict `state`, the weights after `epoch` (epochs in order)."""
+        if epoch < self.start:
+            return
+        if self.epochs and epoch != self.epochs[-1] + 1:
+            raise ValueError(f"epoch {epoch} does not follow epoch {self.epochs[-1]}")
+        ours = self.module.state_dict()
+        for key, value in state.items():
+            if self.epochs and value.is_floating_point():
+                ours[key].copy_((1 - self.tau) * value.to(ours[key]) + self.tau * ours[key])
+            else:
+                ours[key].copy_(value)
+        self.epochs.append(epoch)
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "tau": self.tau, "start": self.start,
+                "epochs": list(self.epochs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.tau, self.start, self.epochs = state["tau"], state["start"], list(state["epochs"])

@@ -19,11 +19,11 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from advgkl.checkpoint import load_checkpoint, model_from_checkpoint
+from advgkl.checkpoint import default_weights, load_checkpoint, model_from_checkpoint
 from advgkl.data import NUM_CLASSES, load_split, to_unit_float
 from advgkl.errors import UserError
 from advgkl.evaluate import (APGD_ONLY, EvalResult, check_eps, evaluate_autoattack, evaluate_pgd,
-                             merge_results)
+                             merge_results, resolve_attacks)
 from advgkl.leaderboard import detailed_record, model_info, sha256_file, write_new
 
 
@@ -65,8 +65,13 @@ def _torchrun_shard() -> tuple[int, int] | None:
 
 
 def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available")
     if name != "auto":
-        return torch.device(name)
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -86,13 +91,49 @@ def _run(job: EvalJob, model, x, y, device, first: int, log_path: Path | None,
             batch_size=job.batch_size, seed=job.seed, state_path=state, device=device,
             log_path=log_path, progress=progress, first_index=first,
             label="APGD-CE + APGD-T screening, NON-STANDARD (not AutoAttack)")
-    kind, _, steps = job.quick.partition("-")
-    if kind not in ("pgd", "cw") or not steps.isdigit() or int(steps) < 1:
-        raise UserError(f"--quick {job.quick!r}: expected pgd-K, cw-K or apgd")
+    kind, steps = _quick_pgd(job.quick)
     torch.manual_seed(job.seed)
-    return evaluate_pgd(model, x, y, eps=job.eps, norm=job.norm, steps=int(steps),
+    return evaluate_pgd(model, x, y, eps=job.eps, norm=job.norm, steps=steps,
                         loss="ce" if kind == "pgd" else "cw", batch_size=job.batch_size,
                         device=device, progress=progress, first_index=first)
+
+
+def _quick_pgd(quick: str) -> tuple[str, int]:
+    """--quick pgd-K / cw-K -> (kind, K)."""
+    kind, _, steps = quick.partition("-")
+    if kind not in ("pgd", "cw") or not steps.isdigit() or int(steps) < 1:
+        raise UserError(f"--quick {quick!r}: expected pgd-K, cw-K or apgd")
+    return kind, int(steps)
+
+
+def check_job(job: EvalJob) -> None:
+    """Every option of `job` that can be checked without the checkpoint or the data."""
+    check_eps(job.eps, job.norm)
+    if job.n_examples < 1 or job.batch_size < 1:
+        raise UserError("--n-examples and --batch-size must be at least 1")
+    if job.quick is None:
+        resolve_attacks(job.version, job.attacks)
+    elif job.quick != "apgd":
+        _quick_pgd(job.quick)
+
+
+def selection_of(ckpt: dict, path: str) -> dict | None:
+    """How the checkpoint was picked, if it was: `best.pt` records it (`selected_by`); a best.pt
+    from before validation splits was picked on the first eval.holdout_size test points."""
+    if "selected_by" in ckpt:
+        return ckpt["selected_by"]
+    checks = (ckpt.get("config") or {}).get("eval") or {}
+    if Path(path).name == "best.pt" and "check" not in ckpt and "holdout_size" in checks:
+        return {"points": f"TEST-{checks['holdout_size']}", "on_test_points": True,
+                "metric": f"PGD-{checks.get('pgd_steps', 10)} robust accuracy"}
+    return None
+
+
+def _selection_footnote(selection: dict | None) -> str:
+    if not selection or not selection.get("on_test_points"):
+        return ""
+    return (f"Checkpoint selected by {selection['metric']} on the first "
+            f"{selection['points'].split('-')[-1]} test points, which this evaluation includes.")
 
 
 def output_paths(out_dir: Path, name: str, kind: str,
@@ -113,17 +154,28 @@ def write_records(result: EvalResult, base: dict, paths: dict[str, Path],
     detailed = {"kind": base["kind"], **detailed_record(
         result, dataset=base["dataset"], arch=base["architecture"], checkpoint=base["checkpoint"],
         checkpoint_sha256=base["checkpoint_sha256"], weights=base["weights"],
-        config=base["config"])}
+        config=base["config"]), "selection": base.get("selection")}
+    write_new(paths["detailed"], json.dumps(detailed, indent=2) + "\n")
     if "info" in paths:
+        warning = _selection_footnote(detailed["selection"])
+        if warning:
+            meta = {**meta, "footnote": " ".join(filter(None, (meta.get("footnote"), warning)))}
         info = model_info(result, dataset=detailed["dataset"], arch=detailed["architecture"],
                           meta=meta)
         write_new(paths["info"], json.dumps(info, indent=2) + "\n")
-    write_new(paths["detailed"], json.dumps(detailed, indent=2) + "\n")
+    if "log" in paths and partial_log(paths["log"]).exists():
+        os.replace(partial_log(paths["log"]), paths["log"])
+
+
+def partial_log(log: Path) -> Path:
+    """Where AutoAttack's log grows until the records are written: a killed run leaves no NAME.log
+    to block its rerun, and the rerun (with --state) appends to it."""
+    return log.with_name(log.name + ".partial")
 
 
 def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     """Evaluate (one shard of) a checkpoint and write its records."""
-    check_eps(job.eps, job.norm)
+    check_job(job)
     ckpt = load_checkpoint(job.checkpoint)
     config = ckpt.get("config") or {}
     dataset = job.dataset or config.get("data", {}).get("dataset")
@@ -133,9 +185,9 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     if NUM_CLASSES[dataset] != ckpt.get("num_classes"):
         raise UserError(f"the checkpoint has {ckpt.get('num_classes')} classes, {dataset} has "
                         f"{NUM_CLASSES[dataset]}")
-    weights = job.weights
-    if weights == "auto":
-        weights = "ema" if (ckpt.get("ema") or {}).get("started") else "model"
+    weights = default_weights(ckpt) if job.weights == "auto" else job.weights
+    device = _device(job.device)
+    model = model_from_checkpoint(ckpt, what=job.checkpoint, weights=weights).to(device).eval()
     test = load_split(dataset, train=False, root=job.data_root)
     if job.n_examples > len(test.labels):
         raise UserError(f"--n-examples {job.n_examples} is more than the {len(test.labels)} "
@@ -157,17 +209,19 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
             raise UserError(f"{path} already exists; pick another --model-name or --out "
                             "(nothing was overwritten)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    log = paths.get("log")
+    if log is not None and not (state and Path(state).exists()):
+        partial_log(log).unlink(missing_ok=True)  # a stopped run's log, with nothing to continue
 
-    device = _device(job.device)
-    model = model_from_checkpoint(ckpt, what=job.checkpoint, weights=weights).to(device).eval()
     first, end = 0, job.n_examples
     if shard:
         first, end = shard[0] * job.n_examples // shard[1], (shard[0] + 1) * job.n_examples // shard[1]
     x, y = to_unit_float(test.images[first:end]), test.labels[first:end]
-    result = _run(job, model, x, y, device, first, paths.get("log"), state)
+    result = _run(job, model, x, y, device, first, log and partial_log(log), state)
     detailed = {"kind": kind, **detailed_record(
         result, dataset=dataset, arch=ckpt["arch"], checkpoint=job.checkpoint,
-        checkpoint_sha256=sha256_file(job.checkpoint), weights=weights, config=config)}
+        checkpoint_sha256=sha256_file(job.checkpoint), weights=weights, config=config),
+        "selection": selection_of(ckpt, job.checkpoint)}
     if shard is None:
         write_records(result, detailed, paths, job.meta)
         return result, paths
@@ -183,11 +237,24 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     return result, final
 
 
+def read_record(path: Path) -> dict:
+    """A detailed (shard) record written by `advgkl eval`."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a JSON record of advgkl eval") from None
+    if not isinstance(record, dict) or not {"result", "first_index", "dataset",
+                                             "checkpoint_sha256"} <= set(record):
+        raise UserError(f"{path}: not a record of advgkl eval (no result, dataset or checkpoint)")
+    return record
+
+
 def merge_shard_files(files: Sequence[Path], paths: dict[str, Path],
                       meta: dict[str, Any]) -> EvalResult:
     """Merge shard records (same checkpoint and settings) into the final records."""
-    records = sorted((json.loads(Path(f).read_text()) for f in files),
-                     key=lambda r: r["first_index"])
+    records = sorted((read_record(Path(f)) for f in files), key=lambda r: r["first_index"])
     if len({r["checkpoint_sha256"] for r in records}) > 1:
         raise UserError("the shards evaluated different checkpoints; they cannot merge")
     result = merge_results([EvalResult.from_dict(r["result"]) for r in records])

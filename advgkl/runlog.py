@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 METRIC_FIELDS = ("epoch", "lr", "loss", "ce", "robust", "train_acc", "clean_acc", "robust_acc",
-                 "eval_weights", "eps", "attack_steps", "images_per_s", "seconds")
+                 "eval_weights", "check_points", "eps", "attack_steps", "images_per_s", "seconds")
 
 
 class RunLog:
@@ -35,11 +35,15 @@ class RunLog:
         if not self.write:
             return
         new = not self.metrics_path.exists()
+        fields = METRIC_FIELDS
+        if not new:  # a run from an older version keeps its own columns
+            with open(self.metrics_path, newline="") as f:
+                fields = tuple(next(csv.reader(f), METRIC_FIELDS))
         with open(self.metrics_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+            writer.writerow({k: row.get(k, "") for k in fields})
 
     def plot(self) -> None:
         """Accuracies and losses per epoch, from metrics.csv, into curves.png."""
@@ -52,9 +56,12 @@ class RunLog:
             rows = list(csv.DictReader(f))
         epochs = [int(r["epoch"]) for r in rows]
         fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
-        for key, label in (("train_acc", "train (clean, train mode)"), ("clean_acc", "clean"),
-                           ("robust_acc", "robust (PGD)")):
-            acc.plot(epochs, [100 * float(r[key]) for r in rows], marker=".", label=label)
+        check = rows[-1].get("check_points") or "held-out points"
+        for key, label in (("train_acc", "train (clean, train mode)"),
+                           ("clean_acc", f"clean ({check})"), ("robust_acc", f"PGD ({check})")):
+            points = [(e, 100 * float(r[key])) for e, r in zip(epochs, rows) if r.get(key)]
+            if points:  # no check (eval.check=none): no clean / PGD curve
+                acc.plot(*zip(*points), marker=".", label=label)
         acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
         acc.legend()
         for key in ("loss", "ce", "robust"):

@@ -19,7 +19,7 @@ from advgkl.attacks import PGDAttack
 from advgkl.awp import AWP
 from advgkl.config import Config
 from advgkl.data import random_crop_flip, to_unit_float
-from advgkl.ema import WeightEMA
+from advgkl.ema import EpochAverage, WeightEMA
 from advgkl.losses import Objective, build_objective, combine_views
 from advgkl.priors import ClassPrior
 
@@ -65,7 +65,8 @@ def _step_objective(objective: Objective, logits_nat: Tensor, logits_adv: Tensor
 
 class TrainStep:
     """The model (on `device`, in the configured memory format), its compiled / DDP views, and
-    everything a step updates: optimizer, class prior, AWP, EMA."""
+    everything training updates: optimizer, class prior, AWP, EMA (per step) and the epoch
+    average (per epoch, by the trainer; None when off)."""
 
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, device: torch.device, *,
                  world: int = 1, note: Callable[[str], None] = print) -> None:
@@ -97,6 +98,11 @@ class TrainStep:
                     if cfg.awp.gamma > 0 else None)  # its proxy is a full copy of the model
         self.ema = WeightEMA(self.model, tau=cfg.train.ema_tau,
                              start_epoch=cfg.train.ema_start_epoch, warmup=cfg.train.ema_warmup)
+        self.epoch_avg = (EpochAverage(self.model, tau=cfg.train.epoch_avg_tau,
+                                       start=cfg.train.epoch_avg_start)
+                          if cfg.train.epoch_avg_tau > 0 else None)
+        # The class prior weighs the GKL/IKL loss and the "gkl" attack objective.
+        self.uses_prior = self.objective.needs_prior or cfg.attack.objective == "gkl"
 
     def __call__(self, x: Tensor, y: Tensor, *, attack: PGDAttack, epoch: int,
                  lr: float) -> dict[str, float]:
@@ -114,9 +120,9 @@ class TrainStep:
         y = y.to(device, non_blocking=True)
         n_basic = len(y) // 2 if data.two_view else len(y)
 
+        rows = self.prior.rows(y) if self.uses_prior else None
         with self.attack_amp:
-            x_adv = attack(self.net, x, y)
-        rows = self.prior.rows(y) if self.objective.needs_prior else None
+            x_adv = attack(self.net, x, y, prior_rows=rows if attack.needs_prior else None)
         awp_on = self.awp is not None and self.awp.active(epoch)
         with self.train_amp:
             diff = (self.awp.perturb(self.objective, x, x_adv, y, rows, lr=lr) if awp_on
@@ -135,7 +141,7 @@ class TrainStep:
         self.optimizer.step()
         if diff is not None:
             self.awp.restore(diff)
-        if self.objective.needs_prior:
+        if self.uses_prior:
             self.prior.update(logits_nat[:n_basic], y[:n_basic])
         self.ema.update(self.model, epoch)
         return stats

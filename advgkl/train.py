@@ -5,14 +5,18 @@ adversarial forward (train mode) -> objective dict -> backward -> optimizer step
 perturbation when active) -> class-prior update from the clean logits -> weight-EMA update. On
 CUDA the forward passes can run in bf16 autocast, channels_last and compiled; evaluation always
 runs in fp32.
-Per epoch: held-out clean and PGD accuracy, `last.pt` (atomic), `best.pt` by robust accuracy,
-a metrics row, the curves. `resume=True` continues bit-exactly from `last.pt`.
+Per epoch: the class prior's new rows, the epoch average (the authors' final step), clean and
+PGD accuracy on the check points (a validation split of the training set by default) and
+`best.pt` by it, `avg.pt`, `epoch-NNN.pt` when asked, `last.pt` (atomic, written last), a
+metrics row, the curves. `resume=True` continues bit-exactly from `last.pt`. A run that fails
+before its first checkpoint removes the folder it created.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,8 @@ from advgkl import distributed
 from advgkl.attacks import PGDAttack, attack_schedule
 from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from advgkl.config import Config, config_to_dict, save_config
-from advgkl.data import NUM_CLASSES, load_split, to_unit_float, train_dataset
+from advgkl.data import (NUM_CLASSES, Split, carve_validation, load_split, to_unit_float,
+                         train_dataset)
 from advgkl.errors import UserError
 from advgkl.evaluate import evaluate_pgd
 from advgkl.generated import MixedBatchSampler, open_generated
@@ -95,6 +100,22 @@ def run_dir_for(cfg: Config, config_path: str | Path) -> Path:
     return Path(cfg.run.out_dir) / (cfg.run.name or Path(config_path).stem)
 
 
+def build_attack(cfg: Config, epoch: int) -> PGDAttack:
+    """The training attack of `epoch` (1-based), exactly as the trainer runs it."""
+    a = cfg.attack
+    eps, step_size, steps = attack_schedule(a.schedule, epoch, cfg.train.epochs, eps=a.eps,
+                                            step_size=a.step_size, steps=a.steps)
+    return PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=a.norm, objective=a.objective,
+                     random_start=a.random_start, alpha=a.alpha, beta=a.beta, gamma=a.gamma)
+
+
+def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    try:
+        return create_model(cfg.model.arch, num_classes)
+    except ValueError as exc:
+        raise UserError(f"model.arch: {exc}") from None
+
+
 def check_data_options(cfg: Config) -> None:
     data = cfg.data
     if data.device_augment and (data.augment != "basic" or data.two_view):
@@ -105,10 +126,26 @@ def check_data_options(cfg: Config) -> None:
                         "(a file of generated images)")
 
 
-def training_set(cfg: Config, num_classes: int) -> tuple[Dataset, int]:
-    """The real training set, followed by the generated images when configured; returns the
-    data set and how many real images it starts with."""
-    real = load_split(cfg.data.dataset, train=True, root=cfg.data.root, download=cfg.data.download)
+def check_points(cfg: Config, real: Split) -> tuple[Split, Split | None, str]:
+    """(training images, the per-epoch check's points, their label for the records):
+    eval.check=val holds out eval.val_size training images drawn with train.seed; test takes the
+    first eval.holdout_size TEST points (selection on test data); none: no check."""
+    if cfg.eval.check == "none":
+        return real, None, ""
+    if cfg.eval.check == "test":
+        test = load_split(cfg.data.dataset, train=False, root=cfg.data.root,
+                          download=cfg.data.download)
+        n = min(cfg.eval.holdout_size, len(test.labels))
+        return real, Split(test.images[:n], test.labels[:n]), f"TEST-{n}"
+    if cfg.eval.val_size >= len(real.labels):
+        raise UserError(f"eval.val_size: {cfg.eval.val_size} leaves no training images (the "
+                        f"training set has {len(real.labels)})")
+    rest, val = carve_validation(real, cfg.eval.val_size, cfg.train.seed)
+    return rest, val, f"val-{cfg.eval.val_size}"
+
+
+def training_set(cfg: Config, real: Split, num_classes: int) -> Dataset:
+    """The real training images, followed by the generated images when configured."""
     kw = {"augment": cfg.data.augment, "two_view": cfg.data.two_view,
           "on_device": cfg.data.device_augment}
     dataset = train_dataset(real, **kw)
@@ -116,7 +153,7 @@ def training_set(cfg: Config, num_classes: int) -> tuple[Dataset, int]:
         generated = open_generated(cfg.data.generated, num_classes=num_classes,
                                    image_size=real.images.shape[-1])
         dataset = ConcatDataset([dataset, train_dataset(generated, **kw)])
-    return dataset, len(real.labels)
+    return dataset
 
 
 def epoch_loader(cfg: Config, dataset: Dataset, n_real: int, ranks: distributed.DistInfo,
@@ -142,51 +179,82 @@ def epoch_loader(cfg: Config, dataset: Dataset, n_real: int, ranks: distributed.
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
           device: torch.device | None = None, echo: bool = True) -> dict[str, float]:
-    """Train `cfg` into `run_dir` (created; refused if it exists) or resume it; returns the last
-    epoch's metrics."""
+    """Train `cfg` into `run_dir` (created; refused if it exists) or resume it (from `last.pt`,
+    or from epoch 1 when the run stopped before its first checkpoint); returns the last epoch's
+    metrics. Everything is checked before the folder is created, and a run that fails before
+    its first checkpoint removes the folder it created."""
     run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
     check_data_options(cfg)
     ranks, device_name = distributed.setup(cfg.train.device)
     if cfg.train.batch_size % ranks.world:
         raise UserError(f"train.batch_size: {cfg.train.batch_size} (the global batch) must divide "
                         f"evenly over {ranks.world} processes")
-    if resume and not (run_dir / "last.pt").is_file():
-        raise UserError(f"{run_dir}: nothing to resume (no last.pt)")
+    if resume and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: nothing to resume (no such run folder)")
     if not resume and run_dir.exists():
-        raise UserError(f"{run_dir} already exists; resume it with --resume {run_dir} or "
+        hint = ("" if last.is_file() else " (it has no checkpoint yet: --resume starts it at epoch "
+                "1 with its saved config)")
+        raise UserError(f"{run_dir} already exists{hint}; resume it with --resume {run_dir} or "
                         "choose another run.name (nothing was overwritten)")
+    ckpt = load_checkpoint(last, map_location="cpu") if resume and last.is_file() else None
+    legacy = ckpt is not None and "check" not in ckpt and cfg.eval.check != "test"
+    if legacy:  # a run from before validation splits trained on all images: keep what it did
+        cfg.eval.check = "test"
     num_classes = NUM_CLASSES[cfg.data.dataset]
-    dataset, n_real = training_set(cfg, num_classes)  # data errors come before the run folder
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, num_classes)
+    real, check, check_label = check_points(
+        cfg, load_split(cfg.data.dataset, train=True, root=cfg.data.root,
+                        download=cfg.data.download))
+    dataset = training_set(cfg, real, num_classes)  # data errors come before the run folder
+    device = device or resolve_device(device_name)
     distributed.barrier(ranks)  # every rank has checked before rank 0 creates the folder
-    if not resume and ranks.main:
+    created = not resume and ranks.main
+    if created:
         run_dir.mkdir(parents=True)
         save_config(cfg, run_dir / "config.yaml")
     distributed.barrier(ranks)
-    device = device or resolve_device(device_name)
-    log = RunLog(run_dir, echo=echo and ranks.main, write=ranks.main)
-    seed_everything(cfg.train.seed)
+    try:
+        log = RunLog(run_dir, echo=echo and ranks.main, write=ranks.main)
+        parts = TrainStep(cfg, model, num_classes, device, world=ranks.world, note=log.log)
+        if resume and ckpt is None:
+            log.log(f"no {last.name} yet (the run stopped before its first checkpoint): "
+                    "starting at epoch 1 with its saved config")
+        if legacy:
+            log.log(f"{last.name} predates validation splits: its per-epoch check stays on the "
+                    "first eval.holdout_size test points, as before")
+        return _run(cfg, run_dir, parts, dataset, len(real.labels), check, check_label, ckpt,
+                    ranks, log, echo)
+    except BaseException:
+        if created and not last.exists():  # nothing worth keeping: let the same command rerun
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        distributed.teardown(ranks)
 
-    # The first holdout_size test points for the per-epoch check.
-    test = load_split(cfg.data.dataset, train=False, root=cfg.data.root, download=cfg.data.download)
-    n_hold = min(cfg.eval.holdout_size, len(test.labels))
-    x_hold = to_unit_float(test.images[:n_hold]).to(device)
-    y_hold = test.labels[:n_hold].to(device)
 
-    # The model and everything a step updates (optimizer, prior, AWP, EMA).
-    parts = TrainStep(cfg, create_model(cfg.model.arch, num_classes), num_classes, device,
-                      world=ranks.world, note=log.log)
-    model, optimizer, prior, ema = parts.model, parts.optimizer, parts.prior, parts.ema
+def _restore(parts: TrainStep, ckpt: dict, log: RunLog) -> tuple[int, int, float]:
+    """Load `last.pt`'s state into `parts`; returns (first epoch to run, step, best)."""
+    parts.model.load_state_dict(ckpt["model"])
+    parts.ema.load_state_dict(ckpt["ema"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.prior.load_state_dict(ckpt["prior"])
+    if parts.epoch_avg is not None:
+        parts.epoch_avg.load_state_dict(ckpt["epoch_avg"])
+    if ckpt["epoch"] not in log.logged_epochs():  # killed between last.pt and its row
+        log.append_metrics(ckpt["metrics"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best_robust_acc"]
+
+
+def _run(cfg: Config, run_dir: Path, parts: TrainStep, dataset: Dataset, n_real: int,
+         check: Split | None, check_label: str, ckpt: dict | None, ranks: distributed.DistInfo,
+         log: RunLog, echo: bool) -> dict[str, Any]:
+    device = parts.device
     start_epoch, step, best = 1, 0, -1.0
-    if resume:
-        ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        prior.load_state_dict(ckpt["prior"])
-        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_robust_acc"]
-        if ckpt["epoch"] not in log.logged_epochs():  # killed between last.pt and its row
-            log.append_metrics(ckpt["metrics"])
-        set_rng_state(ckpt["rng"])
+    if ckpt is not None:
+        start_epoch, step, best = _restore(parts, ckpt, log)
         log.log(f"resumed from {run_dir / 'last.pt'} after epoch {ckpt['epoch']}")
     else:
         log.log(f"training {cfg.model.arch} on {cfg.data.dataset} with {cfg.loss.method} "
@@ -194,16 +262,17 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         if cfg.data.generated:
             log.log(f"{n_real} real + {len(dataset) - n_real} generated images from "
                     f"{cfg.data.generated}, {cfg.data.generated_fraction:.0%} generated per batch")
+    if check_label.startswith("TEST"):
+        log.log(f"eval.check=test: the per-epoch check and best.pt use the first {len(check.labels)}"
+                " TEST points; a test evaluation of best.pt is biased by this selection")
+    if check is not None:
+        check = Split(to_unit_float(check.images).to(device), check.labels.to(device))
 
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        eps, step_size, steps = attack_schedule(
-            cfg.attack.schedule, epoch, cfg.train.epochs, eps=cfg.attack.eps,
-            step_size=cfg.attack.step_size, steps=cfg.attack.steps)
-        attack = PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=cfg.attack.norm,
-                           objective=cfg.attack.objective, random_start=cfg.attack.random_start)
+        attack = build_attack(cfg, epoch)
         loader = epoch_loader(cfg, dataset, n_real, ranks, epoch, device.type == "cuda")
-        model.train()
+        parts.model.train()
         sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "correct": 0, "seen": 0}
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
@@ -214,8 +283,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                                milestones=cfg.train.lr_milestones)
             stats = parts(x, y, attack=attack, epoch=epoch, lr=lr)
             if not math.isfinite(stats["loss"]):
+                kept = (f"{run_dir / 'last.pt'} holds the last good state" if epoch > 1
+                        else "no checkpoint was written")
                 raise TrainingError(f"non-finite loss ({stats['loss']}) at epoch {epoch}, step "
-                                    f"{i + 1}; {run_dir / 'last.pt'} holds the last good state")
+                                    f"{i + 1}; {kept}")
             step += 1
             for key in ("loss", "ce", "robust"):
                 sums[key] += stats[key] * stats["n"]
@@ -223,44 +294,79 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             sums["seen"] += stats["n"]
             bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
                             img_s=f"{sums['seen'] / (time.perf_counter() - start):.0f}")
-        prior.end_epoch()
+        parts.prior.end_epoch()
+        if parts.epoch_avg is not None:
+            parts.epoch_avg.update(parts.model.state_dict(), epoch)
         seconds = time.perf_counter() - start
         totals = distributed.all_reduce_sum(
             [sums[k] for k in ("loss", "ce", "robust", "correct", "seen")], ranks, device)
         distributed.assert_ranks_agree(
-            torch.stack([p.detach().double().sum() for p in model.parameters()]
-                        + [prior.prior.double().sum()]), ranks, "weights or class prior")
+            torch.stack([p.detach().double().sum() for p in parts.model.parameters()]
+                        + [parts.prior.prior.double().sum()]), ranks, "weights or class prior")
         if not ranks.main:  # rank 0 evaluates, logs and saves
             continue
-
-        eval_model = ema.module if cfg.train.select_with_ema and ema.started else model
-        check = evaluate_pgd(eval_model, x_hold, y_hold, eps=cfg.eval.eps, norm=cfg.eval.norm,
-                             steps=cfg.eval.pgd_steps, batch_size=cfg.eval.batch_size,
-                             progress=False)
-        clean_acc, robust_acc = check.clean_acc, check.robust_acc
         loss_sum, ce_sum, robust_sum, correct, seen = totals
         metrics = {"epoch": epoch, "lr": lr, "loss": loss_sum / seen, "ce": ce_sum / seen,
                    "robust": robust_sum / seen, "train_acc": correct / seen,
-                   "clean_acc": clean_acc, "robust_acc": robust_acc, "eps": eps,
-                   "attack_steps": steps,
-                   "eval_weights": "ema" if eval_model is ema.module else "model",
+                   "check_points": check_label, "eps": attack.eps, "attack_steps": attack.steps,
                    "images_per_s": seen / seconds, "seconds": seconds}
-        is_best = robust_acc > best
-        best = max(best, robust_acc)
-        ckpt = model_checkpoint(
-            model.state_dict(), arch=cfg.model.arch, num_classes=num_classes,
-            ema=ema.state_dict(), optimizer=optimizer.state_dict(), prior=prior.state_dict(),
-            epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(),
-            config=config_to_dict(cfg), metrics=metrics)
-        save_checkpoint(run_dir / "last.pt", ckpt)
-        log.append_metrics(metrics)
-        if is_best:
-            save_checkpoint(run_dir / "best.pt", ckpt)
-        log.plot()
-        log.log(f"epoch {epoch}: loss {metrics['loss']:.4f}, train {100 * metrics['train_acc']:.2f}%"
-                f", clean {100 * clean_acc:.2f}%, PGD-{cfg.eval.pgd_steps} {100 * robust_acc:.2f}% "
-                f"({metrics['eval_weights']}), {metrics['images_per_s']:.0f} img/s"
-                f"{', best' if is_best else ''}")
+        best = _end_epoch(cfg, run_dir, parts, check, check_label, epoch, step, best, metrics, log)
     distributed.barrier(ranks)
-    distributed.teardown(ranks)
     return metrics
+
+
+def _check_weights(cfg: Config, parts: TrainStep) -> tuple[torch.nn.Module, str]:
+    """What the per-epoch check scores: the weights `advgkl eval` scores by default (the epoch
+    average, else the EMA, once running), or the model's own with select_with_ema off."""
+    if cfg.train.select_with_ema:
+        if parts.epoch_avg is not None and parts.epoch_avg.started:
+            return parts.epoch_avg.module, "avg"
+        if parts.ema.started:
+            return parts.ema.module, "ema"
+    return parts.model, "model"
+
+
+def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None,
+               check_label: str, epoch: int, step: int, best: float, metrics: dict[str, Any],
+               log: RunLog) -> float:
+    """The check, the files and the logs of a finished epoch (rank 0); returns the best robust
+    accuracy so far. Side files first, last.pt last: a kill in between redoes the epoch."""
+    is_best, selection, note = False, None, ""
+    if check is not None:
+        module, weights = _check_weights(cfg, parts)
+        result = evaluate_pgd(module, check.images, check.labels, eps=cfg.eval.eps,
+                              norm=cfg.eval.norm, steps=cfg.eval.pgd_steps,
+                              batch_size=cfg.eval.batch_size, progress=False)
+        metrics.update(clean_acc=result.clean_acc, robust_acc=result.robust_acc,
+                       eval_weights=weights)
+        is_best, best = result.robust_acc > best, max(best, result.robust_acc)
+        selection = {"points": check_label, "metric": f"PGD-{cfg.eval.pgd_steps} robust accuracy",
+                     "weights": weights, "on_test_points": check_label.startswith("TEST")}
+        note = (f", clean {100 * result.clean_acc:.2f}%, PGD-{cfg.eval.pgd_steps} "
+                f"{100 * result.robust_acc:.2f}% on {check_label} ({weights})"
+                f"{', best' if is_best else ''}")
+    arch, num_classes, config = cfg.model.arch, parts.prior.num_classes, config_to_dict(cfg)
+    ckpt = model_checkpoint(
+        parts.model.state_dict(), arch=arch, num_classes=num_classes,
+        ema=parts.ema.state_dict(), optimizer=parts.optimizer.state_dict(),
+        prior=parts.prior.state_dict(),
+        epoch_avg=parts.epoch_avg.state_dict() if parts.epoch_avg is not None else None,
+        epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(), config=config,
+        metrics=metrics, check=selection)
+    if cfg.train.save_every and epoch % cfg.train.save_every == 0:
+        save_checkpoint(run_dir / f"epoch-{epoch:03d}.pt", model_checkpoint(
+            parts.model.state_dict(), arch=arch, num_classes=num_classes, epoch=epoch,
+            config=config))
+    if parts.epoch_avg is not None and parts.epoch_avg.started:
+        save_checkpoint(run_dir / "avg.pt", model_checkpoint(
+            parts.epoch_avg.module.state_dict(), arch=arch, num_classes=num_classes, epoch=epoch,
+            config=config, averaged={"tau": parts.epoch_avg.tau, "start": parts.epoch_avg.start,
+                                     "end": epoch}))
+    if is_best:
+        save_checkpoint(run_dir / "best.pt", {**ckpt, "selected_by": selection})
+    save_checkpoint(run_dir / "last.pt", ckpt)
+    log.append_metrics(metrics)
+    log.plot()
+    log.log(f"epoch {epoch}: loss {metrics['loss']:.4f}, train {100 * metrics['train_acc']:.2f}%"
+            f"{note}, {metrics['images_per_s']:.0f} img/s")
+    return best

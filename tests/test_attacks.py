@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from advgkl.attacks import PGDAttack, attack_schedule
+from advgkl.reference import pairwise_gkl_loss
 
 
 class CountingNet(nn.Module):
@@ -30,7 +31,7 @@ def batch(n=8, seed=0):
 
 
 ATTACKS = [dict(norm=n, objective=o, random_start=r) for n in ("Linf", "L2")
-           for o in ("kl", "ce", "cw") for r in ("normal", "uniform", "none")]
+           for o in ("kl", "gkl", "ce", "cw") for r in ("normal", "uniform", "none")]
 
 
 @pytest.mark.parametrize("kw", ATTACKS, ids=lambda kw: "-".join(kw.values()))
@@ -42,7 +43,8 @@ def test_invariants(kw, train_mode):
     eps = 8 / 255 if kw["norm"] == "Linf" else 0.5
     attack = PGDAttack(eps=eps, step_size=eps / 3, steps=4, **kw)
     bn_before = [b.clone() for b in model.buffers()]
-    x_adv = attack(model, x, y)
+    rows = torch.softmax(torch.randn(len(y), 10), 1) if kw["objective"] == "gkl" else None
+    x_adv = attack(model, x, y, prior_rows=rows)
 
     assert model.training == train_mode                       # mode restored
     assert model.modes == [False] * len(model.modes)          # ran in eval mode
@@ -55,7 +57,7 @@ def test_invariants(kw, train_mode):
     assert (size <= eps + 1e-6).all()
     assert (size > 0).all()                                   # it moved
     # clean logits once per attack (kl only), plus one forward per step
-    assert model.calls == 4 + (kw["objective"] == "kl")
+    assert model.calls == 4 + (kw["objective"] in ("kl", "gkl"))
 
 
 def test_given_clean_logits_are_reused_and_not_recomputed():
@@ -177,3 +179,68 @@ def test_schedule_errors():
         attack_schedule("cyclic", 1, 10, eps=EPS, step_size=EPS, steps=1)
     with pytest.raises(ValueError, match="epoch: 0 is outside 1..10"):
         attack_schedule("constant", 0, 10, eps=EPS, step_size=EPS, steps=1)
+
+
+def saturated_batch(n=6, seed=1):
+    """Images with many pixels at exactly 0 or 1, like CIFAR's."""
+    x, y = batch(n, seed)
+    return torch.where(x < 0.2, 0.0, torch.where(x > 0.8, 1.0, x)), y
+
+
+def test_gkl_objective_ascends_the_direct_gkl_term_with_the_prior_rows():
+    """Each step follows sign(d/dx_adv [alpha sCE + beta wMSE(prior rows ** gamma)]) with the
+    clean logits fixed, the pairwise formula written out (float64)."""
+    torch.manual_seed(0)
+    model = CountingNet().double().eval()
+    x, y = saturated_batch()
+    x = x.double()
+    rows = torch.softmax(3 * torch.randn(len(y), 10, dtype=torch.float64), 1)
+    eps, step, kw = 8 / 255, 2 / 255, dict(alpha=0.7, beta=3.0, gamma=0.5)
+    torch.manual_seed(1)
+    ours = PGDAttack(eps=eps, step_size=step, steps=3, objective="gkl", **kw)(
+        model, x, y, prior_rows=rows)
+
+    torch.manual_seed(1)
+    x_adv = x + 0.001 * torch.randn_like(x)
+    with torch.no_grad():
+        nat = model(x)
+    for _ in range(3):
+        x_adv.requires_grad_(True)
+        loss = pairwise_gkl_loss(model(x_adv), nat, rows, **kw)
+        (grad,) = torch.autograd.grad(loss, [x_adv])
+        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps)
+        x_adv = x_adv.clamp(0, 1)
+    assert torch.equal(ours, x_adv)
+    torch.manual_seed(1)  # the wMSE term changes the path: plain KL goes elsewhere
+    kl = PGDAttack(eps=eps, step_size=step, steps=3, objective="kl")(model, x, y)
+    assert not torch.equal(ours, kl)
+
+
+def test_gkl_objective_refuses_to_run_without_prior_rows():
+    x, y = batch()
+    with pytest.raises(ValueError, match="prior_rows"):
+        PGDAttack(eps=0.03, step_size=0.01, steps=1, objective="gkl")(CountingNet(), x, y)
+
+
+class Recording(CountingNet):
+    def forward(self, x):
+        if x.requires_grad:
+            self.inputs = getattr(self, "inputs", []) + [x.detach().clone()]
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("start, outside", [("normal", True), ("uniform", False)])
+def test_normal_start_takes_the_first_gradient_unprojected(start, outside):
+    """TRADES' and the paper's start x + 0.001 N(0, 1) is used as is for the first gradient
+    (outside [0, 1] at saturated pixels); the uniform start is projected first; both end inside."""
+    torch.manual_seed(0)
+    model = Recording()
+    x, y = saturated_batch()
+    assert ((x == 0) | (x == 1)).float().mean() > 0.3
+    x_adv = PGDAttack(eps=8 / 255, step_size=2 / 255, steps=2, random_start=start)(model, x, y)
+    first = model.inputs[0]
+    assert ((first < 0).any() and (first > 1).any()) == outside
+    assert (model.inputs[1] >= 0).all() and (model.inputs[1] <= 1).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    zero_steps = PGDAttack(eps=8 / 255, step_size=2 / 255, steps=0, random_start=start)(model, x, y)
+    assert zero_steps.min() >= 0 and zero_steps.max() <= 1

@@ -176,3 +176,20 @@ def test_generated_data_with_device_augmentation_on_the_gpu(tmp_path):
                              "train.precision=bf16", "train.channels_last=true"])
     metrics = train(cfg, tmp_path / "run", echo=False)
     assert metrics["epoch"] == 2 and np.isfinite(metrics["loss"])
+
+
+def test_gkl_attack_objective_and_epoch_average_on_the_gpu(tmp_path):
+    """The CIFAR-100 recipe's attack (sCE + prior-weighted wMSE) in bf16 autocast, with the
+    epoch average, trains on CUDA and leaves an avg.pt that evaluates."""
+    from pathlib import Path
+
+    from advgkl.checkpoint import load_checkpoint, model_from_checkpoint
+    from advgkl.config import load_config
+    from advgkl.train import train
+
+    demo = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
+    cfg = load_config(demo, ["train.device=cuda", "train.epochs=2", "attack.objective=gkl",
+                             "train.attack_precision=bf16", "train.epoch_avg_tau=0.9"])
+    metrics = train(cfg, tmp_path / "run", echo=False)
+    assert metrics["clean_acc"] > 0.5 and metrics["eval_weights"] == "avg"
+    model_from_checkpoint(load_checkpoint(tmp_path / "run" / "avg.pt"))

@@ -15,7 +15,7 @@ from advgkl.checkpoint import load_checkpoint
 DEMO = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
 # A deterministic attack (CE, no random start), AWP and the class prior on, a global batch of 64.
 COMMON = ["train.epochs=2", "train.batch_size=64", "awp.gamma=0.005", "awp.warmup_epochs=1",
-          "eval.holdout_size=64", "attack.objective=ce", "attack.random_start=none"]
+          "eval.val_size=64", "attack.objective=ce", "attack.random_start=none"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

@@ -127,7 +127,7 @@ RSS_SCRIPT = textwrap.dedent("""
     path, out, demo = sys.argv[1:4]
     cfg = load_config(demo, ["data.generated=" + path, "data.generated_fraction=0.7",
                              "data.epoch_samples=512", "data.num_workers=0", "train.epochs=1",
-                             "model.arch=small-cnn", "eval.holdout_size=64", "run.name=run"])
+                             "model.arch=small-cnn", "eval.val_size=64", "run.name=run"])
     train(cfg, out + "-run", echo=False)                      # one epoch with generated images
     split = open_generated(path, num_classes=10, image_size=16)
     n = len(split.labels)

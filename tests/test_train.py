@@ -12,7 +12,7 @@ import torch
 import advgkl.train as train_mod
 from advgkl.checkpoint import load_checkpoint
 from advgkl.config import load_config
-from advgkl.data import NUM_CLASSES, Split
+from advgkl.data import NUM_CLASSES, Split, carve_validation
 from advgkl.ema import WeightEMA
 from advgkl.errors import UserError
 from advgkl.losses import Objective
@@ -73,7 +73,7 @@ def fake_load_split(dataset, *, train, root="data", download=False):
 def tiny_overrides(cfg):
     tiny = "wrn-10-1-swish" if cfg.model.arch.endswith("swish") else "wrn-10-1"
     return [f"model.arch={tiny}", "train.epochs=1", "train.batch_size=8", "train.lr_milestones=[]",
-            "train.ema_start_epoch=1", "awp.warmup_epochs=1", "eval.holdout_size=8",
+            "train.ema_start_epoch=1", "awp.warmup_epochs=1", "eval.val_size=4",
             "data.num_workers=0", "train.device=cpu"]
 
 
@@ -94,14 +94,17 @@ def test_every_shipped_config_trains_on_a_tiny_model(path, tmp_path, monkeypatch
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["step"] == 2  # 16 images in batches of 8
     assert ckpt["ema"]["started"]
-    for name in ("config.yaml", "metrics.csv", "curves.png", "train.log", "best.pt"):
+    for name in ("config.yaml", "metrics.csv", "curves.png", "train.log"):
         assert (tmp_path / "run" / name).is_file()
+    assert (tmp_path / "run" / "best.pt").is_file() == (cfg.eval.check != "none")
+    assert (tmp_path / "run" / "avg.pt").is_file() == (cfg.train.epoch_avg_tau > 0)
+    assert cfg.eval.check != "test"  # no shipped config selects on test points
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
 
 
 def test_second_train_into_a_run_folder_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "load_split", fake_load_split)
-    cfg = load_config(DEMO, ["train.epochs=1", "eval.holdout_size=8"])
+    cfg = load_config(DEMO, ["train.epochs=1", "eval.val_size=4"])
     train(cfg, tmp_path / "run", echo=False)
     before = (tmp_path / "run" / "last.pt").read_bytes()
     with pytest.raises(UserError, match="already exists; resume it with --resume"):
@@ -111,7 +114,7 @@ def test_second_train_into_a_run_folder_is_refused(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "load_split", fake_load_split)
-    cfg = load_config(DEMO, ["train.epochs=3", "train.batch_size=8", "eval.holdout_size=8"])
+    cfg = load_config(DEMO, ["train.epochs=3", "train.batch_size=8", "eval.val_size=4"])
     real_call, calls = Objective.__call__, []
 
     def poisoned(self, *args):
@@ -145,7 +148,8 @@ def test_resume_arguments_are_checked(tmp_path):
 
 
 RESUME_OVERRIDES = ["train.epochs=3", "train.ema_start_epoch=2", "attack.steps=2",
-                    "eval.holdout_size=64", "eval.pgd_steps=2", "run.out_dir={out}"]
+                    "eval.val_size=64", "eval.pgd_steps=2", "run.out_dir={out}",
+                    "train.epoch_avg_tau=0.9", "train.epoch_avg_start=2"]
 
 
 def test_sigkill_at_an_epoch_boundary_then_resume_is_bit_identical(tmp_path):
@@ -171,6 +175,10 @@ def test_sigkill_at_an_epoch_boundary_then_resume_is_bit_identical(tmp_path):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
     assert torch.equal(a["prior"]["prior"], b["prior"]["prior"])
+    assert b["epoch_avg"]["epochs"] == [2, 3]
+    assert all(torch.equal(v, b["epoch_avg"]["model"][k]) for k, v in a["epoch_avg"]["model"].items())
+    assert all(torch.equal(v, b["epoch_avg"]["model"][k])
+               for k, v in load_checkpoint(killed / "avg.pt")["model"].items())
     assert (killed / "train.log").read_text().startswith(log_before)  # nothing lost
     epochs = [line.split(",")[0] for line in (killed / "metrics.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2", "3"]
@@ -211,7 +219,7 @@ def test_optimizer_weight_decay_groups(exempt):
 
 def test_cuda_options_are_ignored_with_a_message_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "load_split", fake_load_split)
-    cfg = load_config(DEMO, ["train.epochs=1", "eval.holdout_size=8", "train.precision=bf16",
+    cfg = load_config(DEMO, ["train.epochs=1", "eval.val_size=4", "train.precision=bf16",
                              "train.attack_precision=bf16", "train.channels_last=true",
                              "train.compile=true"])
     metrics = train(cfg, tmp_path / "run", echo=False)
@@ -240,14 +248,14 @@ def test_generated_images_and_device_augmentation_train_and_resume_exactly(tmp_p
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "g.npz", image=rng.integers(0, 256, (300, 16, 16, 3), dtype=np.uint8),
              label=rng.integers(0, 10, 300))
-    overrides = ["data.num_workers=0", "model.arch=small-cnn", "eval.holdout_size=32",
+    overrides = ["data.num_workers=0", "model.arch=small-cnn", "eval.val_size=32",
                  "train.epochs=2", "train.batch_size=50", f"data.generated={tmp_path / 'g.npz'}",
                  "data.generated_fraction=0.7", "data.epoch_samples=100",
                  "data.augment=basic", "data.device_augment=true"]
     cfg = load_config(DEMO, overrides)
     train(cfg, tmp_path / "full", echo=False)
     log = (tmp_path / "full" / "train.log").read_text()
-    assert "1437 real + 300 generated images" in log and "70% generated per batch" in log
+    assert "1405 real + 300 generated images" in log and "70% generated per batch" in log
     assert load_checkpoint(tmp_path / "full" / "last.pt")["step"] == 4   # 2 epochs x 2 batches
 
     def crash(self):  # after epoch 1's last.pt and metrics row were written
@@ -261,3 +269,48 @@ def test_generated_images_and_device_augmentation_train_and_resume_exactly(tmp_p
     full, cut = (load_checkpoint(tmp_path / r / "last.pt") for r in ("full", "cut"))
     for key, value in full["model"].items():
         assert torch.equal(value, cut["model"][key]), key
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_build_attack_gives_the_authors_attack_per_dataset(path):
+    """CIFAR-100 GKL/IKL configs attack with sCE + prior-weighted wMSE (1, 1, 1), the CIFAR-10
+    ones with KL; the ramped budget of the paper's schedule."""
+    cfg = load_config(path)
+    attack = train_mod.build_attack(cfg, 1)
+    if cfg.data.dataset == "cifar100" and cfg.loss.method in ("gkl", "ikl"):
+        assert (attack.objective, attack.alpha, attack.beta, attack.gamma) == ("gkl", 1, 1, 1)
+    elif cfg.data.dataset == "cifar10" and cfg.loss.method != "pgd_at":
+        assert attack.objective == "kl"
+    assert attack.random_start == cfg.attack.random_start
+    if cfg.attack.schedule == "paper_effective":
+        last = train_mod.build_attack(cfg, cfg.train.epochs)
+        assert (last.eps, last.step_size, last.steps) == (8 / 255, 4 / 255, 5)
+        assert attack.eps == pytest.approx(8 / 255 / cfg.train.epochs)
+
+
+def test_validation_split_is_carved_from_training_data_and_fixed_by_the_seed():
+    split = Split(torch.arange(100).view(100, 1, 1, 1).to(torch.uint8), torch.arange(100) % 10)
+    rest, val = carve_validation(split, 20, seed=3)
+    ids_rest, ids_val = set(rest.images.flatten().tolist()), set(val.images.flatten().tolist())
+    assert len(ids_val) == 20 and ids_rest.isdisjoint(ids_val) and ids_rest | ids_val == set(range(100))
+    assert torch.equal(carve_validation(split, 20, seed=3)[1].images, val.images)
+    assert not torch.equal(carve_validation(split, 20, seed=4)[1].images, val.images)
+    assert torch.equal(val.labels, val.images.flatten().long() % 10)  # labels travel with images
+
+
+def test_the_per_epoch_check_never_touches_the_test_set(tmp_path, monkeypatch):
+    real_load = train_mod.load_split
+
+    def no_test(dataset, *, train, **kw):
+        assert train, "the trainer loaded the test split"
+        return real_load(dataset, train=train, **kw)
+
+    monkeypatch.setattr(train_mod, "load_split", no_test)
+    cfg = load_config(DEMO, ["train.epochs=1", "attack.steps=1", "eval.pgd_steps=1",
+                             "eval.val_size=100"])
+    metrics = train(cfg, tmp_path / "run", echo=False)
+    assert metrics["check_points"] == "val-100"
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["selected_by"]["points"] == "val-100"
+    assert not best["selected_by"]["on_test_points"]
+    assert "val-100" in (tmp_path / "run" / "metrics.csv").read_text()

@@ -1,0 +1,175 @@
+"""Nothing half-made on failure: bad input is refused before any file is written, a command that
+fails leaves nothing that blocks its corrected rerun, and the two promised resumes work after a
+real SIGKILL (training before its first checkpoint; AutoAttack with --state)."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from advgkl.checkpoint import load_checkpoint
+from advgkl.cli import main
+from advgkl.config import load_config
+from advgkl.train import train
+
+ROOT = Path(__file__).parent.parent
+DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
+SHORT = ["train.epochs=2", "attack.steps=2", "eval.pgd_steps=2", "eval.val_size=64"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "advgkl", *map(str, args)], capture_output=True,
+                          text=True)
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == 2, err
+    assert err.startswith("advgkl: error: ") and err.count("\n") == 1, err
+    assert fragment in err, err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A digits model trained for 2 epochs, with an epoch average and per-epoch files."""
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    train(load_config(DEMO, [*SHORT, "train.epoch_avg_tau=0.9", "train.save_every=1"]), run,
+          echo=False)
+    return run
+
+
+# One test per class of mistake, through the CLI entry point (in-process: fast); each must leave
+# no file behind in the working folder.
+MISTAKES = [
+    (["train", DEMO, "model.arch=resnet50"], "model.arch: unknown model 'resnet50'"),
+    (["train", DEMO, "model.arch=wrn-9-1"], "model.arch: depth: 9"),
+    (["train", DEMO, "eval.val_size=5000"], "eval.val_size: 5000 leaves no training images"),
+    (["train", DEMO, "eval.check=holdout"], "eval.check: 'holdout' is not one of"),
+    (["train", DEMO, "attack.objective=trades"], "attack.objective: 'trades' is not one of"),
+    (["train", DEMO, "train.epoch_avg_tau=1.5"], "train.epoch_avg_tau: 1.5 must be < 1"),
+    (["train", DEMO, "data.dataset=cifar10"], "cifar10: no data set in"),
+    (["train", "--resume", "missing-run"], "not a run folder"),
+    (["train", DEMO, "--bogus"], "unrecognized arguments: --bogus"),
+    (["eval", "missing.pt"], "missing.pt: checkpoint not found"),
+    (["eval", "{ckpt}", "--n-examples", "0"], "--n-examples and --batch-size must be at least 1"),
+    (["eval", "{ckpt}", "--quick", "pgd"], "--quick 'pgd': expected pgd-K"),
+    (["eval", "{ckpt}", "--version", "custom"], "version custom needs a list of attacks"),
+    (["eval", "{ckpt}", "--eps", "8"], "did you mean 8/255?"),
+    (["eval", "{ckpt}", "--n-examples", "5000"], "more than the 360 test images"),
+    (["eval", "{epoch1}", "--weights", "avg", "--n-examples", "10"], "has no epoch average"),
+    (["eval", "{ckpt}", "--device", "gpu7", "--n-examples", "10"], "--device 'gpu7'"),
+    (["eval", "{ckpt}", "--shard", "2/2"], "--shard '2/2': I must be in 0..N-1"),
+    (["eval", "{ckpt}", "--weights", "best"], "argument --weights: invalid choice"),
+    (["eval-merge", "missing.json"], "missing.json: no such file"),
+    (["eval-merge", DEMO], "not a JSON record of advgkl eval"),
+    (["export", "{ckpt}", "--eval", "missing.json", "--out", "sub"], "missing.json: needs"),
+    (["data", "convert", "missing.npz", "out"], "missing.npz: not a readable .npz file"),
+    (["import-checkpoint", "{ckpt}", "--arch", "nope", "--num-classes", "10", "--out", "x.pt"],
+     "unknown model 'nope'"),
+    (["import-checkpoint", "{ckpt}", "--arch", "small-cnn", "--num-classes", "100", "--out",
+      "x.pt"], "a different number of classes"),
+    (["average", "{run}", "--tau", "1.5", "--out", "a.pt"], "--tau: 1.5 must be between 0 and 1"),
+    (["average", "{run}", "--start", "3", "--out", "a.pt"], "need 1 <= start <= end"),
+    (["average", "missing-run", "--out", "a.pt"], "missing-run: no such run folder"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", MISTAKES, ids=lambda v: " ".join(map(str, v))[:60]
+                         if isinstance(v, list) else None)
+def test_each_mistake_is_one_line_exit_2_and_writes_nothing(args, fragment, checkpoint, tmp_path,
+                                                            monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    names = {"ckpt": checkpoint / "last.pt", "epoch1": checkpoint / "epoch-001.pt", "run": checkpoint}
+    args = [str(a).format(**names) for a in args]
+    if args[0] == "train" and "--resume" not in args:
+        args += ["run.out_dir=checkpoints"]
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    assert_one_line_error(code, capsys.readouterr().err, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_that_fails_before_its_first_checkpoint_removes_its_folder(tmp_path):
+    """A non-finite loss in epoch 1 (lr 1e30): one line, exit 2, no run folder; the corrected
+    command then runs under the same name."""
+    args = ["train", DEMO, *SHORT, f"run.out_dir={tmp_path}", "run.name=r"]
+    out = cli(*args, "train.lr=1e30")
+    assert_one_line_error(out.returncode, out.stderr, "non-finite loss")
+    assert "no checkpoint was written" in out.stderr
+    assert not (tmp_path / "r").exists()
+    out = cli(*args, "train.epochs=1")
+    assert out.returncode == 0, out.stderr
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["epoch"] == 1
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (polled), or fail."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the process ended before the moment to kill it"
+        assert time.monotonic() < deadline, "the moment to kill never came"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+
+
+def test_training_killed_before_its_first_checkpoint_resumes_from_epoch_1(tmp_path):
+    args = [*SHORT, f"run.out_dir={tmp_path}", "train.epoch_avg_tau=0.9"]
+    assert cli("train", DEMO, *args, "run.name=full").returncode == 0
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "advgkl", "train", str(DEMO), *args,
+                             "run.name=killed"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    kill_when(proc, lambda: (run / "train.log").exists())
+    assert not (run / "last.pt").exists()            # killed before the first checkpoint
+
+    out = cli("train", DEMO, *args, "run.name=killed")  # a fresh start is refused, with the way out
+    assert_one_line_error(out.returncode, out.stderr, "has no checkpoint yet: --resume starts it")
+    out = cli("train", "--resume", run)
+    assert out.returncode == 0, out.stderr
+    assert "starting at epoch 1 with its saved config" in (run / "train.log").read_text()
+    full, resumed = (load_checkpoint(tmp_path / r / "last.pt") for r in ("full", "killed"))
+    assert resumed["epoch"] == 2
+    for part in ("model",):
+        assert all(torch.equal(v, resumed[part][k]) for k, v in full[part].items())
+    assert all(torch.equal(v, resumed["epoch_avg"]["model"][k])
+               for k, v in full["epoch_avg"]["model"].items())
+
+
+def test_autoattack_killed_mid_way_continues_from_its_state_file(checkpoint, tmp_path):
+    """`advgkl eval ... --state FILE`, SIGKILLed inside an attack, then the same command: it
+    continues (the killed run's log does not block it) and gives the uninterrupted run's flags."""
+    ckpt = checkpoint / "last.pt"
+    common = [ckpt, "--n-examples", "40", "--batch-size", "5", "--eps", "32/255",
+              "--out", tmp_path / "res"]
+    assert cli("eval", *common, "--model-name", "full").returncode == 0
+    state = tmp_path / "state.json"
+    args = [sys.executable, "-m", "advgkl", "eval", *map(str, common), "--state", str(state),
+            "--model-name", "cut"]
+
+    def inside_an_attack() -> bool:
+        try:
+            current = json.loads(state.read_text())["current"]
+        except (OSError, ValueError):
+            return False
+        return bool(current) and current["batches_done"] >= 1
+
+    kill_when(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+              inside_an_attack)
+    records = tmp_path / "res" / "digits" / "Linf"
+    assert sorted(p.name for p in records.glob("cut*")) == ["cut.log.partial"]
+    out = cli(*args[3:])
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in records.glob("cut*")) == ["cut.detailed.json", "cut.json",
+                                                           "cut.log"]
+    full, cut = (json.loads((records / f"{n}.detailed.json").read_text())["result"]
+                 for n in ("full", "cut"))
+    assert cut["robust_flags"] == full["robust_flags"]
+    assert cut["clean_flags"] == full["clean_flags"]
+    assert "advgkl: clean accuracy" in (records / "cut.log").read_text()  # the killed run's part
