@@ -57,6 +57,37 @@ def _cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from advgkl.study import find_run, load_study, run_study, scheduler_commands
+    from advgkl.study_report import write_report
+
+    study = load_study(args.study, args.out)
+    if args.jobs < 1:
+        raise UserError("-j: needs at least 1 process")
+    if args.print:
+        commands, script = scheduler_commands(study, args.study)
+        study.dir.mkdir(parents=True, exist_ok=True)
+        (study.dir / "slurm_array.sh").write_text(script)
+        print("\n".join(commands))
+        print(f"# a Slurm array script for them: {study.dir / 'slurm_array.sh'}", file=sys.stderr)
+        return 0
+    failed: list[str] = []
+    if not args.aggregate:
+        only = [find_run(study, args.run)] if args.run else None
+        outcomes = run_study(study, jobs=args.jobs, only=only)
+        failed = [f"{name}: {why}" for name, why in outcomes.items() if why != "done"]
+        if args.run:  # a scheduler's task: its own run only; --aggregate collects at the end
+            if failed:
+                raise UserError(failed[0])
+            return 0
+    summary = write_report(study)
+    print(f"wrote {summary} (and summary.csv, runs.csv, robust_vs_clean.png, per_class.png, "
+          "curves.png)")
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from advgkl.config import load_config
     from advgkl.train import run_dir_for, train
@@ -100,6 +131,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       for a in result.per_attack)
     print(f"{result.label}: clean {100 * result.clean_acc:.2f}%, robust "
           f"{100 * result.robust_acc:.2f}% on {result.n_examples} points ({steps})")
+    worst = result.worst_class()
+    if worst is not None:
+        print(f"worst class: {worst['class']}, robust {100 * worst['robust_acc']:.2f}% "
+              f"(clean {100 * worst['clean_acc']:.2f}%) of its {worst['n']} points")
     for path in paths.values():
         if path.exists():
             print(f"wrote {path}")
@@ -238,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--allow-partial", action="store_true",
                         help="export an evaluation on fewer than 10,000 points, marked partial")
     export.set_defaults(func=_cmd_export)
+
+    study = commands.add_parser(
+        "study", help="rows x seeds: train and evaluate each, then one table and plots",
+        description="Train and evaluate every (row, seed) of STUDY.yaml (each an ordinary run "
+                    "folder under STUDY_DIR/runs), then write STUDY_DIR/summary.md, summary.csv, "
+                    "runs.csv and plots. Finished runs are skipped, stopped ones resumed; "
+                    "rerunning a finished study only re-aggregates.")
+    study.add_argument("study", metavar="STUDY.yaml")
+    study.add_argument("-j", "--jobs", type=int, default=1,
+                       help="runs at a time, each with its share of the CPU threads or one GPU")
+    study.add_argument("--out", help="study folder (default: studies/<name>)")
+    mode = study.add_mutually_exclusive_group()
+    mode.add_argument("--print", action="store_true",
+                      help="print one command per run and write a Slurm array script")
+    mode.add_argument("--run", metavar="NAME|INDEX", help="bring only this run to done")
+    mode.add_argument("--aggregate", action="store_true",
+                      help="only collect the records into the table and plots")
+    study.set_defaults(func=_cmd_study)
 
     avg = commands.add_parser(
         "average", help="the epoch average of a run's per-epoch checkpoints",

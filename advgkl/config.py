@@ -78,14 +78,19 @@ class AttackConfig:
 
 @dataclass
 class LossConfig:
-    method: str = opt("gkl", choices=("pgd_at", "trades", "ikl", "gkl"))
+    method: str = opt("gkl", choices=("pgd_at", "trades", "ikl", "gkl", "mart", "lbgat"))
     alpha: float = opt(4.0, ge=0, doc="weight of the soft-label cross-entropy")
-    beta: float = opt(20.0, ge=0, doc="weight of the wMSE term (TRADES: of the KL term)")
+    beta: float = opt(20.0, ge=0, doc="weight of the wMSE term (TRADES, MART, LBGAT: of the KL "
+                      "term)")
     gamma: float = opt(1.0, ge=0, doc="exponent of the class prior weights")
     temperature: float = opt(1.0, gt=0, doc="softmax temperature of the soft-label CE")
     prior_temperature: float = opt(4.0, gt=0, doc="softmax temperature of the class prior")
     prior_momentum: float = opt(1.0, gt=0, le=1, doc="1 replaces the prior each epoch")
     prior_update: str = opt("epoch", choices=("epoch", "ema"))
+    label_smoothing: float = opt(0.0, ge=0, lt=1, doc="smoothing of the labels in the "
+                                 "cross-entropy each method trains on (DM-AT: 0.1)")
+    natural_arch: str = opt("preact-resnet-18", doc="lbgat: the natural model trained alongside "
+                            "(the robust model is model.arch)")
 
 
 @dataclass
@@ -99,7 +104,8 @@ class TrainConfig:
     epochs: int = opt(200, ge=1)
     batch_size: int = opt(128, ge=1, doc="global batch: split evenly over the processes")
     lr: float = opt(0.2, gt=0)
-    lr_schedule: str = opt("cosine", choices=("cosine", "piecewise", "cosinew"))
+    lr_schedule: str = opt("cosine",
+                           choices=("cosine", "cosine_shifted", "piecewise", "cosinew"))
     lr_warmup_epochs: int = opt(0, ge=0)
     lr_milestones: list[int] = opt([100, 150], doc="epochs where piecewise divides lr by 10")
     momentum: float = opt(0.9, ge=0, lt=1)
@@ -145,10 +151,18 @@ class EvalConfig:
     holdout_size: int = opt(1000, ge=1, doc="test points of the per-epoch check with check=test")
 
 
+LOGGERS = ("tensorboard", "wandb")
+
+
 @dataclass
 class RunConfig:
     name: str = opt("", doc="run folder name; empty: the config file's name")
     out_dir: str = opt("checkpoints")
+    loggers: list[str] = opt([], doc="experiment trackers besides metrics.csv: tensorboard "
+                             "(RUN/tensorboard/), wandb (honours WANDB_MODE=offline)")
+    log_every: int = opt(0, ge=0, doc="also send the training loss to the trackers every N "
+                         "steps; 0: per epoch only")
+    wandb_project: str = opt("advgkl", doc="the W&B project of run.loggers=[wandb]")
 
 
 @dataclass
@@ -241,6 +255,11 @@ def _check_section(prefix: str, section: Any) -> None:
         problem = linf_size_problem(value) if f.metadata.get("eps") and norm == "Linf" else None
         if problem:
             raise ConfigError(f"{prefix}.{f.name}: {problem}")
+    if isinstance(section, RunConfig):
+        unknown = [name for name in section.loggers if name not in LOGGERS]
+        if unknown or len(set(section.loggers)) != len(section.loggers):
+            raise ConfigError(f"run.loggers: {section.loggers} must name distinct loggers among "
+                              f"{', '.join(LOGGERS)}")
     if isinstance(section, TrainConfig) and section.lr_schedule == "piecewise":
         ms = section.lr_milestones
         if ms != sorted(ms) or any(not 0 < m < section.epochs for m in ms):
@@ -292,6 +311,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _check_combinations(cfg: Config) -> None:
+    """Rules across sections."""
+    if cfg.loss.method == "lbgat" and (cfg.awp.gamma > 0 or cfg.data.two_view):
+        raise ConfigError("loss.method: lbgat runs without AWP and with one view; set awp.gamma=0 "
+                          "and data.two_view=false")
+
+
 def build_config(tree: dict | None = None, overrides: Iterable[str] = (),
                  source: str = "config") -> Config:
     """Defaults, then the nested mapping `tree`, then `key=value` overrides; validated."""
@@ -302,21 +328,26 @@ def build_config(tree: dict | None = None, overrides: Iterable[str] = (),
         _apply(cfg, *parse_override(text))
     for f in dataclasses.fields(cfg):
         _check_section(f.name, getattr(cfg, f.name))
+    _check_combinations(cfg)
     return cfg
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config file and apply overrides (an empty file gives the defaults)."""
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """The YAML document in `path`; a missing file or bad YAML is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return build_config(tree, overrides, source=str(path))
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config file and apply overrides (an empty file gives the defaults)."""
+    return build_config(read_yaml(path), overrides, source=str(path))
 
 
 def _plain(value: Any, meta: typing.Mapping[str, Any]) -> Any:

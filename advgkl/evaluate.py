@@ -35,7 +35,7 @@ VERSIONS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
             "rand": ["apgd-ce", "apgd-dlr"]}
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 APGD_ONLY = ["apgd-ce", "apgd-t"]
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the model's weights are part of the settings
 
 
 @dataclass
@@ -55,6 +55,20 @@ class EvalResult:
     check_flags: list[str] = field(default_factory=list)
     first_index: int = 0            # the points are [first_index, first_index + n_examples)
     label: str = "AutoAttack"       # non-standard evaluations say so here
+    labels: list[int] = field(default_factory=list)   # the true class of each point
+
+    def per_class(self) -> list[dict]:
+        """Clean and robust accuracy of each class present, in class order."""
+        counts: dict[int, list[int]] = {}
+        for c, clean, robust in zip(self.labels, self.clean_flags, self.robust_flags):
+            n, n_clean, n_robust = counts.get(c, (0, 0, 0))
+            counts[c] = [n + 1, n_clean + clean, n_robust + robust]
+        return [{"class": c, "n": n, "clean_acc": k / n, "robust_acc": r / n}
+                for c, (n, k, r) in sorted(counts.items())]
+
+    def worst_class(self) -> dict | None:
+        """The class with the lowest robust accuracy (the lowest class index on ties)."""
+        return min(self.per_class(), key=lambda row: row["robust_acc"], default=None)
 
     @property
     def clean_acc(self) -> float:
@@ -180,6 +194,17 @@ def _fingerprint(x: Tensor, y: Tensor) -> str:
     return digest.hexdigest()
 
 
+def _model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's weights and buffers: a state file never continues another model."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj))
@@ -193,7 +218,8 @@ def _load_state(path: Path | None, settings: dict) -> dict:
     state = json.loads(path.read_text())
     if state.get("settings") != settings:
         raise UserError(f"{path}: this state file belongs to an evaluation with other settings "
-                        "(points, eps, norm, attacks, seed or batch size); use another --state")
+                        "(model weights, points, eps, norm, attacks, seed or batch size); use "
+                        "another --state")
     return state
 
 
@@ -229,7 +255,7 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
     state_path = Path(state_path) if state_path is not None else None
     settings = {"v": STATE_VERSION, "n": len(y), "eps": eps, "norm": norm, "version": version,
                 "attacks": attacks, "seed": seed, "batch_size": batch_size,
-                "data": _fingerprint(x, y)}
+                "data": _fingerprint(x, y), "model": _model_fingerprint(model)}
     state = _load_state(state_path, settings)
 
     def save() -> None:
@@ -292,7 +318,8 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
     return EvalResult(
         n_examples=len(y), clean_flags=state["clean_flags"], robust_flags=state["robust_flags"],
         per_attack=state["done"], eps=eps, norm=norm, version=version, attacks=attacks, seed=seed,
-        check_flags=state["check_flags"], first_index=first_index, label=label)
+        check_flags=state["check_flags"], first_index=first_index, label=label,
+        labels=y.tolist())
 
 
 def evaluate_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "Linf",
@@ -321,7 +348,7 @@ def evaluate_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
         per_attack=[{"attack": name, "robust": int(robust.sum()),
                      "seconds": time.perf_counter() - start}],
         eps=eps, norm=norm, version="quick", attacks=[name], seed=-1,
-        first_index=first_index, label=label)
+        first_index=first_index, label=label, labels=y.tolist())
 
 
 def merge_results(results: Sequence[EvalResult]) -> EvalResult:
@@ -350,4 +377,5 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
         robust_flags=[f for r in results for f in r.robust_flags], per_attack=per_attack,
         eps=first.eps, norm=first.norm, version=first.version, attacks=first.attacks,
         seed=first.seed, check_flags=sorted({m for r in results for m in r.check_flags}),
-        first_index=first.first_index, label=first.label)
+        first_index=first.first_index, label=first.label,
+        labels=[c for r in results for c in r.labels])

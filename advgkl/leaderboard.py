@@ -66,6 +66,7 @@ def detailed_record(result: EvalResult, *, dataset: str, arch: str, checkpoint: 
         "clean_acc": result.clean_acc, "robust_acc": result.robust_acc,
         "per_attack": [{**a, "robust_acc": a["robust"] / result.n_examples}
                        for a in result.per_attack],
+        "per_class": result.per_class(), "worst_class": result.worst_class(),
         "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256,
         "versions": {"advgkl": __version__, "torch": torch.__version__,
                      "pyautoattack": pyautoattack.__version__},

@@ -1,4 +1,5 @@
-"""Training objectives: GKL / IKL (decoupled KL), TRADES' KL, and PGD-AT's cross-entropy.
+"""Training objectives: GKL / IKL (decoupled KL), TRADES' KL, PGD-AT's cross-entropy, MART and
+LBGAT.
 
 All losses compute in at least float32 (bf16 logits are upcast) and in O(B·C) memory.
 """
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("pgd_at", "trades", "ikl", "gkl")
+METHODS = ("pgd_at", "trades", "ikl", "gkl", "mart", "lbgat")
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -120,17 +121,51 @@ def trades_kl(logits_adv: Tensor, logits_nat: Tensor) -> Tensor:
     return (log_p_nat.exp() * (log_p_nat - log_p_adv)).sum(1).mean()
 
 
-def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """(B, C), (B,) -> scalar: mean cross-entropy (PGD-AT's loss on adversarial logits)."""
-    return F.cross_entropy(_upcast(logits), y)
+def cross_entropy(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """(B, C), (B,) -> scalar: mean cross-entropy, optionally against labels smoothed by
+    `label_smoothing` (the true class gets 1 - s + s / C, the others s / C)."""
+    return F.cross_entropy(_upcast(logits), y, label_smoothing=label_smoothing)
+
+
+def mart_loss(logits_adv: Tensor, logits_nat: Tensor, y: Tensor, *, beta: float = 6.0,
+              label_smoothing: float = 0.0) -> Tensor:
+    """(B, C), (B, C), (B,) -> scalar: MART (Wang et al., ICLR 2020), batch mean of
+    BCE(p_adv, y) + beta * KL(p_nat || p_adv) * (1 - p_nat[y]), where the boosted CE is
+    -log p_adv[y] - log(1 - max_{k != y} p_adv[k]); no gradient is stopped. log(1 - p_k) is
+    computed as logsumexp over the classes other than k minus logsumexp over all, so it stays
+    finite when p_k is near 1. `label_smoothing` applies to the -log p_adv[y] part."""
+    _check_logits(logits_adv, logits_nat)
+    adv, nat = _upcast(logits_adv), _upcast(logits_nat)
+    runner_up = adv.detach().scatter(1, y[:, None], float("-inf")).argmax(1)
+    without_runner_up = adv.scatter(1, runner_up[:, None], float("-inf"))
+    log_not_runner_up = torch.logsumexp(without_runner_up, 1) - torch.logsumexp(adv, 1)
+    boosted_ce = cross_entropy(adv, y, label_smoothing) - log_not_runner_up.mean()
+    log_p_nat = F.log_softmax(nat, dim=1)
+    kl = (log_p_nat.exp() * (log_p_nat - F.log_softmax(adv, dim=1))).sum(1)
+    weight = 1 - log_p_nat.gather(1, y[:, None]).squeeze(1).exp()
+    return boosted_ce + beta * (kl * weight).mean()
+
+
+def lbgat_guidance(logits_adv: Tensor, logits_nat: Tensor, logits_guide: Tensor, *,
+                   beta: float = 6.0) -> Tensor:
+    """(B, C) x 3 -> scalar: LBGAT's robust terms (Cui et al., ICCV 2021): the mean squared
+    difference between the robust model's adversarial logits and the natural model's clean
+    logits (`logits_guide`, which it trains too), plus beta * TRADES' KL(robust clean || robust
+    adversarial); gradients reach all three."""
+    _check_logits(logits_adv, logits_guide)
+    mse = F.mse_loss(_upcast(logits_adv), _upcast(logits_guide))
+    return mse + beta * trades_kl(logits_adv, logits_nat)
 
 
 @dataclass(frozen=True)
 class Objective:
     """The training objective of `method`; call it to get {"loss", "ce", "robust"}.
 
-    pgd_at: loss = CE(adv) (ce = clean CE, logged only); trades: CE(nat) + beta * KL;
-    ikl / gkl: CE(nat) + the robust term. The trainer backpropagates "loss" and logs the rest.
+    pgd_at: loss = CE(adv); mart: loss = MART's (both with ce = clean CE, logged only);
+    trades: CE(nat) + beta * KL; ikl / gkl: CE(nat) + the robust term; lbgat: CE of the natural
+    model's clean logits (`logits_guide`) + its guidance terms. `label_smoothing` applies to the
+    cross-entropy against the labels that each method trains on. The trainer backpropagates
+    "loss" and logs the rest.
     """
 
     method: str = "gkl"
@@ -138,6 +173,7 @@ class Objective:
     beta: float = 20.0
     gamma: float = 1.0
     temperature: float = 1.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -147,10 +183,22 @@ class Objective:
     def needs_prior(self) -> bool:
         return self.method in ("ikl", "gkl")
 
+    @property
+    def needs_guide(self) -> bool:
+        """LBGAT: the objective takes a second (natural) model's clean logits."""
+        return self.method == "lbgat"
+
     def robust_term(self, logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
-                    prior_rows: Tensor | None) -> Tensor:
+                    prior_rows: Tensor | None, logits_guide: Tensor | None = None) -> Tensor:
         if self.method == "pgd_at":
-            return cross_entropy(logits_adv, y)
+            return cross_entropy(logits_adv, y, self.label_smoothing)
+        if self.method == "mart":
+            return mart_loss(logits_adv, logits_nat, y, beta=self.beta,
+                             label_smoothing=self.label_smoothing)
+        if self.method == "lbgat":
+            if logits_guide is None:
+                raise ValueError("logits_guide: method lbgat needs the natural model's logits")
+            return lbgat_guidance(logits_adv, logits_nat, logits_guide, beta=self.beta)
         if self.method == "trades":
             return self.beta * trades_kl(logits_adv, logits_nat)
         if self.method == "ikl":
@@ -159,20 +207,24 @@ class Objective:
                         gamma=self.gamma, temperature=self.temperature)
 
     def __call__(self, logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
-                 prior_rows: Tensor | None = None) -> dict[str, Tensor]:
+                 prior_rows: Tensor | None = None,
+                 logits_guide: Tensor | None = None) -> dict[str, Tensor]:
         _check_logits(logits_adv, logits_nat)
-        robust = self.robust_term(logits_nat, logits_adv, y, prior_rows)
-        if self.method == "pgd_at":
+        robust = self.robust_term(logits_nat, logits_adv, y, prior_rows, logits_guide)
+        if self.method in ("pgd_at", "mart"):
             ce = cross_entropy(logits_nat.detach(), y)
             return {"loss": robust, "ce": ce, "robust": robust}
-        ce = cross_entropy(logits_nat, y)
+        clean = logits_guide if self.method == "lbgat" else logits_nat
+        ce = cross_entropy(clean, y, self.label_smoothing)
         return {"loss": ce + robust, "ce": ce, "robust": robust}
 
 
 def build_objective(method: str, *, alpha: float = 4.0, beta: float = 20.0, gamma: float = 1.0,
-                    temperature: float = 1.0) -> Objective:
-    """The objective callable `(logits_nat, logits_adv, y, prior_rows) -> dict(loss, ce, robust)`."""
-    return Objective(method=method, alpha=alpha, beta=beta, gamma=gamma, temperature=temperature)
+                    temperature: float = 1.0, label_smoothing: float = 0.0) -> Objective:
+    """The objective callable `(logits_nat, logits_adv, y, prior_rows, logits_guide=None) ->
+    dict(loss, ce, robust)`."""
+    return Objective(method=method, alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
+                     label_smoothing=label_smoothing)
 
 
 def combine_views(basic: dict[str, Tensor], augmented: dict[str, Tensor],

@@ -1,21 +1,89 @@
-"""A run folder's logs: train.log (appended), metrics.csv (one row per epoch, appended), and
-curves.png (redrawn from metrics.csv)."""
+"""A run folder's logs: train.log (appended), metrics.csv (one row per epoch, appended),
+curves.png (redrawn from metrics.csv), and optional trackers (TensorBoard, W&B) fed the same
+numbers."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+from advgkl.errors import UserError
+
+_TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every selected tracker is installed (checked before a run folder is made)."""
+    for name in names:
+        if importlib.util.find_spec(_TRACKER_MODULES[name]) is None:
+            raise UserError(f"run.loggers: {name} is selected but not installed "
+                            f"(pip install {_TRACKER_MODULES[name]}), or drop it from run.loggers")
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, config: dict, project: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """One W&B run per run folder (its id kept in RUN/wandb_id, so a resumed run continues it);
+    W&B's own settings, e.g. WANDB_MODE=offline, are left to the environment."""
+
+    def __init__(self, run_dir: Path, config: dict, project: str) -> None:
+        import wandb
+
+        id_file = run_dir / "wandb_id"
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:16])
+        self.run = wandb.init(project=project, name=run_dir.name, id=id_file.read_text(),
+                              resume="allow", dir=str(run_dir), config=config)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB}
 
 METRIC_FIELDS = ("epoch", "lr", "loss", "ce", "robust", "train_acc", "clean_acc", "robust_acc",
                  "eval_weights", "check_points", "eps", "attack_steps", "images_per_s", "seconds")
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, *, echo: bool = True, write: bool = True) -> None:
+    def __init__(self, run_dir: Path, *, echo: bool = True, write: bool = True,
+                 trackers: list[str] = (), config: dict | None = None,
+                 project: str = "advgkl") -> None:
         self.run_dir, self.echo, self.write = run_dir, echo, write  # write: False off rank 0
         self.metrics_path = run_dir / "metrics.csv"
+        self.trackers = ([_TRACKERS[name](run_dir, config or {}, project) for name in trackers]
+                         if write else [])
+
+    def track(self, values: dict[str, Any], step: int) -> None:
+        """Send the numeric `values` to the trackers at global training step `step`."""
+        numbers = {k: float(v) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self.trackers:
+            tracker.log(numbers, step)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
     def log(self, message: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"

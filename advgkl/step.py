@@ -42,9 +42,10 @@ def kernel_options(cfg: Config, device: torch.device,
     return {k: on and cuda for k, on in wanted.items()}
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: Config, *others: nn.Module) -> torch.optim.SGD:
+    """One SGD over the parameters of `model` and `others` (LBGAT's natural model)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in (p for m in (model, *others) for p in m.parameters()):
         (no_decay if cfg.train.no_decay_bn_bias and p.dim() <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
     if no_decay:
@@ -54,9 +55,10 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
 
 
 def _step_objective(objective: Objective, logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
-                    rows: Tensor | None, two_view: bool, aug_weight: float) -> dict[str, Tensor]:
+                    rows: Tensor | None, two_view: bool, aug_weight: float,
+                    guide: Tensor | None) -> dict[str, Tensor]:
     if not two_view:
-        return objective(logits_nat, logits_adv, y, rows)
+        return objective(logits_nat, logits_adv, y, rows, guide)
     b = len(y) // 2
     halves = [objective(logits_nat[s], logits_adv[s], y[s], None if rows is None else rows[s])
               for s in (slice(0, b), slice(b, None))]
@@ -65,11 +67,13 @@ def _step_objective(objective: Objective, logits_nat: Tensor, logits_adv: Tensor
 
 class TrainStep:
     """The model (on `device`, in the configured memory format), its compiled / DDP views, and
-    everything training updates: optimizer, class prior, AWP, EMA (per step) and the epoch
-    average (per epoch, by the trainer; None when off)."""
+    everything training updates: optimizer, class prior, AWP, EMA (per step), the epoch average
+    (per epoch, by the trainer; None when off) and LBGAT's natural model (`natural`, trained in
+    train mode by the same optimizer; None for the other methods)."""
 
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, device: torch.device, *,
-                 world: int = 1, note: Callable[[str], None] = print) -> None:
+                 world: int = 1, note: Callable[[str], None] = print,
+                 natural: nn.Module | None = None) -> None:
         self.cfg, self.device = cfg, device
         kernels = kernel_options(cfg, device, note)
         self.memory_format = (torch.channels_last if kernels["channels_last"]
@@ -88,12 +92,22 @@ class TrainStep:
         self.train_amp = torch.autocast(device.type, torch.bfloat16, enabled=kernels["precision"])
         self.attack_amp = torch.autocast(device.type, torch.bfloat16,
                                          enabled=kernels["attack_precision"])
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.natural = self.natural_train = None
+        if cfg.loss.method == "lbgat":
+            if natural is None:
+                raise ValueError("natural: lbgat trains a natural model beside the robust one")
+            self.natural = natural.to(device, memory_format=self.memory_format).train()
+            self.natural_train = (DistributedDataParallel(
+                self.natural, device_ids=[device] if device.type == "cuda" else None)
+                if world > 1 else self.natural)
+        self.optimizer = build_optimizer(self.model, cfg,
+                                         *([self.natural] if self.natural is not None else []))
         self.prior = ClassPrior(num_classes, temperature=cfg.loss.prior_temperature,
                                 momentum=cfg.loss.prior_momentum, mode=cfg.loss.prior_update,
                                 device=device)
         self.objective = build_objective(cfg.loss.method, alpha=cfg.loss.alpha, beta=cfg.loss.beta,
-                                         gamma=cfg.loss.gamma, temperature=cfg.loss.temperature)
+                                         gamma=cfg.loss.gamma, temperature=cfg.loss.temperature,
+                                         label_smoothing=cfg.loss.label_smoothing)
         self.awp = (AWP(self.model, gamma=cfg.awp.gamma, warmup_epochs=cfg.awp.warmup_epochs)
                     if cfg.awp.gamma > 0 else None)  # its proxy is a full copy of the model
         self.ema = WeightEMA(self.model, tau=cfg.train.ema_tau,
@@ -128,8 +142,9 @@ class TrainStep:
             diff = (self.awp.perturb(self.objective, x, x_adv, y, rows, lr=lr) if awp_on
                     else None)
             logits_adv, logits_nat = self.train_net(x_adv), self.train_net(x)
+            guide = self.natural_train(x) if self.natural is not None else None
             out = _step_objective(self.objective, logits_nat, logits_adv, y, rows, data.two_view,
-                                  data.aug_weight)
+                                  data.aug_weight, guide)
         # One device sync per step for the logs and the finiteness check.
         values = torch.stack([out["loss"].detach(), out["ce"].detach(), out["robust"].detach(),
                               (logits_nat.argmax(1) == y).sum().to(out["loss"].dtype)]).tolist()

@@ -36,7 +36,7 @@ from advgkl.errors import UserError
 from advgkl.evaluate import evaluate_pgd
 from advgkl.generated import MixedBatchSampler, open_generated
 from advgkl.models import create_model
-from advgkl.runlog import RunLog
+from advgkl.runlog import RunLog, check_trackers
 from advgkl.step import TrainStep
 
 
@@ -58,6 +58,8 @@ def learning_rate(schedule: str, epoch: int, epochs: int, progress: float, *, lr
 
     cosine (the paper's, set per epoch): lr * epoch / warmup during warm-up, then
     lr * (1 + cos(pi * (epoch - warmup) / (epochs - warmup + 1))) / 2.
+    cosine_shifted (the paper authors' TRADES-AWP script, per epoch): after the warm-up,
+    lr * (1 + cos(pi * (epoch - 1) / epochs)) / 2, the full lr in epoch 1.
     piecewise (TRADES/AWP): divided by 10 at each milestone epoch reached, after the warm-up.
     cosinew (DM-AT, per step): linear warm-up, then cosine to 0 over the remaining steps.
     """
@@ -70,6 +72,8 @@ def learning_rate(schedule: str, epoch: int, epochs: int, progress: float, *, lr
         return lr * epoch / warmup
     if schedule == "piecewise":
         return lr * 0.1 ** sum(epoch >= m for m in milestones)
+    if schedule == "cosine_shifted":
+        return lr * 0.5 * (1 + math.cos((epoch - 1) / epochs * math.pi))
     return lr * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup + 1)))
 
 
@@ -109,11 +113,11 @@ def build_attack(cfg: Config, epoch: int) -> PGDAttack:
                      random_start=a.random_start, alpha=a.alpha, beta=a.beta, gamma=a.gamma)
 
 
-def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+def build_model(arch: str, num_classes: int, key: str = "model.arch") -> torch.nn.Module:
     try:
-        return create_model(cfg.model.arch, num_classes)
+        return create_model(arch, num_classes)
     except ValueError as exc:
-        raise UserError(f"model.arch: {exc}") from None
+        raise UserError(f"{key}: {exc}") from None
 
 
 def check_data_options(cfg: Config) -> None:
@@ -203,21 +207,28 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         cfg.eval.check = "test"
     num_classes = NUM_CLASSES[cfg.data.dataset]
     seed_everything(cfg.train.seed)
-    model = build_model(cfg, num_classes)
+    model = build_model(cfg.model.arch, num_classes)
+    natural = (build_model(cfg.loss.natural_arch, num_classes, "loss.natural_arch")
+               if cfg.loss.method == "lbgat" else None)
     real, check, check_label = check_points(
         cfg, load_split(cfg.data.dataset, train=True, root=cfg.data.root,
                         download=cfg.data.download))
     dataset = training_set(cfg, real, num_classes)  # data errors come before the run folder
     device = device or resolve_device(device_name)
+    check_trackers(cfg.run.loggers)
     distributed.barrier(ranks)  # every rank has checked before rank 0 creates the folder
     created = not resume and ranks.main
     if created:
         run_dir.mkdir(parents=True)
         save_config(cfg, run_dir / "config.yaml")
     distributed.barrier(ranks)
+    log = None
     try:
-        log = RunLog(run_dir, echo=echo and ranks.main, write=ranks.main)
-        parts = TrainStep(cfg, model, num_classes, device, world=ranks.world, note=log.log)
+        log = RunLog(run_dir, echo=echo and ranks.main, write=ranks.main,
+                     trackers=cfg.run.loggers, config=config_to_dict(cfg),
+                     project=cfg.run.wandb_project)
+        parts = TrainStep(cfg, model, num_classes, device, world=ranks.world, note=log.log,
+                          natural=natural)
         if resume and ckpt is None:
             log.log(f"no {last.name} yet (the run stopped before its first checkpoint): "
                     "starting at epoch 1 with its saved config")
@@ -231,6 +242,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
+        if log is not None:
+            log.close()
         distributed.teardown(ranks)
 
 
@@ -242,6 +255,8 @@ def _restore(parts: TrainStep, ckpt: dict, log: RunLog) -> tuple[int, int, float
     parts.prior.load_state_dict(ckpt["prior"])
     if parts.epoch_avg is not None:
         parts.epoch_avg.load_state_dict(ckpt["epoch_avg"])
+    if parts.natural is not None:
+        parts.natural.load_state_dict(ckpt["natural"]["model"])
     if ckpt["epoch"] not in log.logged_epochs():  # killed between last.pt and its row
         log.append_metrics(ckpt["metrics"])
     set_rng_state(ckpt["rng"])
@@ -288,6 +303,9 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, dataset: Dataset, n_real:
                 raise TrainingError(f"non-finite loss ({stats['loss']}) at epoch {epoch}, step "
                                     f"{i + 1}; {kept}")
             step += 1
+            if cfg.run.log_every and step % cfg.run.log_every == 0:
+                log.track({"step/lr": lr, **{f"step/{k}": stats[k]
+                                             for k in ("loss", "ce", "robust")}}, step)
             for key in ("loss", "ce", "robust"):
                 sums[key] += stats[key] * stats["n"]
             sums["correct"] += int(stats["correct"])
@@ -351,6 +369,8 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
         ema=parts.ema.state_dict(), optimizer=parts.optimizer.state_dict(),
         prior=parts.prior.state_dict(),
         epoch_avg=parts.epoch_avg.state_dict() if parts.epoch_avg is not None else None,
+        natural=({"arch": cfg.loss.natural_arch, "model": parts.natural.state_dict()}
+                 if parts.natural is not None else None),
         epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(), config=config,
         metrics=metrics, check=selection)
     if cfg.train.save_every and epoch % cfg.train.save_every == 0:
@@ -366,6 +386,7 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
         save_checkpoint(run_dir / "best.pt", {**ckpt, "selected_by": selection})
     save_checkpoint(run_dir / "last.pt", ckpt)
     log.append_metrics(metrics)
+    log.track({f"epoch/{k}": v for k, v in metrics.items()}, step)
     log.plot()
     log.log(f"epoch {epoch}: loss {metrics['loss']:.4f}, train {100 * metrics['train_acc']:.2f}%"
             f"{note}, {metrics['images_per_s']:.0f} img/s")

@@ -1,5 +1,6 @@
 """AutoAttack wrapper: identical to pyautoattack, resumable, shardable; records and export."""
 
+import copy
 import json
 import os
 import subprocess
@@ -94,6 +95,11 @@ def test_state_of_other_settings_is_refused(model, tmp_path):
     evaluate_autoattack(model, x, y, eps=EPS, **kw)
     with pytest.raises(UserError, match="other settings"):
         evaluate_autoattack(model, x, y, eps=EPS / 2, **kw)
+    other = copy.deepcopy(model)                     # the same settings, other weights
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(UserError, match="other settings \\(model weights"):
+        evaluate_autoattack(other, x, y, eps=EPS, **kw)
 
 
 def test_checks_flag_softmax_outputs(model):
@@ -247,3 +253,23 @@ def test_export_bundle(digits_ckpt, tmp_path):
     mismatch = run_cli("export", str(other), "--eval", str(info), "--out", str(tmp_path / "x"),
                        "--allow-partial")
     assert mismatch.returncode == 2 and "sha256 differs" in mismatch.stderr
+
+
+def test_per_class_accuracy_and_the_worst_class_come_from_the_flags():
+    from advgkl.evaluate import EvalResult, merge_results
+
+    def result(first, labels, clean, robust):
+        return EvalResult(n_examples=len(labels), clean_flags=clean, robust_flags=robust,
+                          per_attack=[{"attack": "apgd-ce", "robust": sum(robust), "seconds": 1}],
+                          eps=0.1, norm="Linf", version="standard", attacks=["apgd-ce"], seed=0,
+                          first_index=first, labels=labels)
+
+    a = result(0, [0, 1, 1, 2], [True, True, False, True], [True, False, False, True])
+    b = result(4, [2, 0], [True, False], [False, False])
+    merged = merge_results([b, a])
+    assert merged.labels == [0, 1, 1, 2, 2, 0]
+    assert merged.per_class() == [
+        {"class": 0, "n": 2, "clean_acc": 0.5, "robust_acc": 0.5},
+        {"class": 1, "n": 2, "clean_acc": 0.5, "robust_acc": 0.0},
+        {"class": 2, "n": 2, "clean_acc": 1.0, "robust_acc": 0.5}]
+    assert merged.worst_class()["class"] == 1

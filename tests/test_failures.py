@@ -83,7 +83,8 @@ MISTAKES = [
 def test_each_mistake_is_one_line_exit_2_and_writes_nothing(args, fragment, checkpoint, tmp_path,
                                                             monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    names = {"ckpt": checkpoint / "last.pt", "epoch1": checkpoint / "epoch-001.pt", "run": checkpoint}
+    names = {"ckpt": checkpoint / "last.pt", "epoch1": checkpoint / "epoch-001.pt",
+             "run": checkpoint}
     args = [str(a).format(**names) for a in args]
     if args[0] == "train" and "--resume" not in args:
         args += ["run.out_dir=checkpoints"]

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from advgkl.losses import (build_objective, cross_entropy, gkl_loss, ikl_loss, soft_cross_entropy,
-                           trades_kl)
+from advgkl.losses import (build_objective, cross_entropy, gkl_loss, ikl_loss, lbgat_guidance,
+                           mart_loss, soft_cross_entropy, trades_kl)
 from advgkl.reference import pairwise_gkl_loss as pairwise_gkl
 
 
@@ -133,7 +133,8 @@ def test_objective_terms(method):
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match="method: 'kl' is not one of pgd_at, trades, ikl, gkl"):
+    with pytest.raises(ValueError, match="method: 'kl' is not one of pgd_at, trades, ikl, gkl, "
+                                         "mart, lbgat"):
         build_objective("kl")
 
 
@@ -160,3 +161,75 @@ def test_non_contiguous_logits():
     adv_t = adv.detach().t().contiguous().t().requires_grad_()  # same values, column-major
     torch.testing.assert_close(gkl_loss(adv_t, nat, prior, temperature=2.0),
                                gkl_loss(adv, nat, prior, temperature=2.0))
+
+
+def mart_by_its_formula(adv, nat, y, beta, smoothing=0.0):
+    """MART's loss written out per sample: BCE(p', y) + beta * KL(p || p') * (1 - p_y)."""
+    total = 0.0
+    classes = adv.shape[1]
+    for b in range(len(y)):
+        p_adv, p_nat = torch.softmax(adv[b], 0), torch.softmax(nat[b], 0)
+        target = torch.full((classes,), smoothing / classes, dtype=adv.dtype)
+        target[y[b]] += 1 - smoothing
+        ce = -(target * torch.log(p_adv)).sum()
+        wrong = torch.cat([p_adv[:y[b]], p_adv[y[b] + 1:]])
+        bce = ce - torch.log(1 - wrong.max())
+        kl = (p_nat * (torch.log(p_nat) - torch.log(p_adv))).sum()
+        total = total + bce + beta * kl * (1 - p_nat[y[b]])
+    return total / len(y)
+
+
+@pytest.mark.parametrize("classes, smoothing", [(2, 0.0), (10, 0.0), (10, 0.1), (100, 0.0)])
+def test_mart_equals_its_formula_with_gradients(classes, smoothing):
+    adv, nat, _ = random_inputs(7, classes, seed=classes)
+    y = torch.arange(7) % classes
+    ours = value_and_grads(lambda a, n: mart_loss(a, n, y, beta=6.0, label_smoothing=smoothing),
+                           adv, nat)
+    direct = value_and_grads(lambda a, n: mart_by_its_formula(a, n, y, 6.0, smoothing), adv, nat)
+    for a, b in zip(ours, direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_mart_stays_finite_when_the_runner_up_is_certain():
+    adv = torch.tensor([[0.0, 60.0, -5.0]], dtype=torch.float64, requires_grad=True)
+    nat = torch.zeros(1, 3, dtype=torch.float64)
+    loss = mart_loss(adv, nat, torch.tensor([0]), beta=6.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(adv.grad).all()
+
+
+def test_lbgat_guidance_equals_its_formula_with_gradients():
+    adv, nat, _ = random_inputs(5, 10, seed=3)
+    guide = (3 * torch.randn(5, 10, dtype=torch.float64)).requires_grad_()
+    y = torch.arange(5)
+
+    def direct(a, n, g):  # MSE over all logits + beta * mean_b KL(p_nat_b || p_adv_b)
+        mse = ((a - g) ** 2).sum() / a.numel()
+        p_nat = torch.softmax(n, 1)
+        kl = (p_nat * (torch.log(p_nat) - torch.log_softmax(a, 1))).sum(1).mean()
+        return mse + 6.0 * kl
+
+    results = []
+    for fn in (lambda a, n, g: lbgat_guidance(a, n, g, beta=6.0), direct):
+        value = fn(adv, nat, guide)
+        results.append((value, torch.autograd.grad(value, [adv, nat, guide])))
+    (ours, ours_grads), (theirs, their_grads) = results
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    for a, b in zip(ours_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    out = build_objective("lbgat", beta=6.0, label_smoothing=0.1)(nat, adv, y, None, guide)
+    torch.testing.assert_close(out["ce"], F.cross_entropy(guide, y, label_smoothing=0.1))
+    torch.testing.assert_close(out["loss"], out["ce"] + lbgat_guidance(adv, nat, guide, beta=6.0))
+    with pytest.raises(ValueError, match="logits_guide"):
+        build_objective("lbgat")(nat, adv, y)
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades", "ikl", "gkl", "mart"])
+def test_label_smoothing_enters_the_cross_entropy_each_method_trains_on(method):
+    adv, nat, prior = random_inputs(6, 10, seed=5)
+    y = torch.arange(6)
+    plain, smooth = (build_objective(method, beta=6.0, label_smoothing=s)(nat, adv, y, prior)
+                     for s in (0.0, 0.1))
+    on = adv if method in ("pgd_at", "mart") else nat
+    shift = (F.cross_entropy(on, y, label_smoothing=0.1) - F.cross_entropy(on, y))
+    torch.testing.assert_close(smooth["loss"] - plain["loss"], shift)

@@ -121,7 +121,8 @@ def authors_run(cfg, batches, num_classes):
                     if epoch == cfg.train.ema_start_epoch or not value.is_floating_point():
                         value.copy_(state[key])
                     elif epoch > cfg.train.ema_start_epoch:
-                        value.copy_(cfg.train.ema_tau * value + (1 - cfg.train.ema_tau) * state[key])
+                        tau = cfg.train.ema_tau
+                        value.copy_(tau * value + (1 - tau) * state[key])
         prior = sums / sums.sum(dim=1, keepdim=True)
         # The averaging step over the saved per-epoch checkpoints (tau 0.9 from epoch 1).
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -149,7 +150,8 @@ def float64():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["cifar10/gkl_wrn34_10.yaml", "cifar100/gkl_wrn34_10_gamma04.yaml"])
+@pytest.mark.parametrize("config", ["cifar10/gkl_wrn34_10.yaml",
+                                    "cifar100/gkl_wrn34_10_gamma04.yaml"])
 def test_trainer_equals_a_transcription_of_the_authors_pipeline(config, tmp_path, monkeypatch,
                                                                  float64):
     monkeypatch.setattr(train_mod, "load_split", saturated_images)

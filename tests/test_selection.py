@@ -55,6 +55,7 @@ def test_selection_on_test_points_is_said_in_every_record(tmp_path):
     out = cli("eval", run / "best.pt", "--n-examples", "20", "--eps", "32/255", "--out",
               tmp_path / "res", "--footnote", "Trained by us.")
     assert out.returncode == 0, out.stderr
+    assert "worst class: " in out.stdout
     records = tmp_path / "res" / "digits" / "Linf"
     detailed = json.loads((records / "run.detailed.json").read_text())
     assert detailed["selection"]["on_test_points"] and detailed["selection"]["points"] == "TEST-32"

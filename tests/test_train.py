@@ -19,7 +19,7 @@ from advgkl.losses import Objective
 from advgkl.train import TrainingError, learning_rate, train
 
 ROOT = Path(__file__).parent.parent
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "studies")
 DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
 
 
@@ -72,7 +72,7 @@ def fake_load_split(dataset, *, train, root="data", download=False):
 
 def tiny_overrides(cfg):
     tiny = "wrn-10-1-swish" if cfg.model.arch.endswith("swish") else "wrn-10-1"
-    return [f"model.arch={tiny}", "train.epochs=1", "train.batch_size=8", "train.lr_milestones=[]",
+    return [f"model.arch={tiny}", "loss.natural_arch=wrn-10-1", "train.epochs=1", "train.batch_size=8", "train.lr_milestones=[]",
             "train.ema_start_epoch=1", "awp.warmup_epochs=1", "eval.val_size=4",
             "data.num_workers=0", "train.device=cpu"]
 
@@ -176,7 +176,8 @@ def test_sigkill_at_an_epoch_boundary_then_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
     assert torch.equal(a["prior"]["prior"], b["prior"]["prior"])
     assert b["epoch_avg"]["epochs"] == [2, 3]
-    assert all(torch.equal(v, b["epoch_avg"]["model"][k]) for k, v in a["epoch_avg"]["model"].items())
+    averages = a["epoch_avg"]["model"].items()
+    assert all(torch.equal(v, b["epoch_avg"]["model"][k]) for k, v in averages)
     assert all(torch.equal(v, b["epoch_avg"]["model"][k])
                for k, v in load_checkpoint(killed / "avg.pt")["model"].items())
     assert (killed / "train.log").read_text().startswith(log_before)  # nothing lost
@@ -242,6 +243,20 @@ def test_data_options_that_cannot_work_are_refused(tmp_path, overrides, message)
     assert not (tmp_path / "run").exists()
 
 
+def crash_after_epoch_1_and_resume(cfg, tmp_path, monkeypatch):
+    """Train `cfg` into tmp_path/cut, crash it right after epoch 1's last.pt and metrics row,
+    resume it; returns the last.pt of tmp_path/full (trained before) and of the resumed run."""
+    def crash(self):
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(train_mod.RunLog, "plot", crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        train(cfg, tmp_path / "cut", echo=False)
+    monkeypatch.undo()
+    train(cfg, tmp_path / "cut", resume=True, echo=False)
+    return tuple(load_checkpoint(tmp_path / r / "last.pt") for r in ("full", "cut"))
+
+
 def test_generated_images_and_device_augmentation_train_and_resume_exactly(tmp_path, monkeypatch):
     """Digits plus a generated file (70 % per batch), augmented on the device: the run trains,
     and resuming after a crash at the end of epoch 1 reproduces the uninterrupted run exactly."""
@@ -258,15 +273,7 @@ def test_generated_images_and_device_augmentation_train_and_resume_exactly(tmp_p
     assert "1405 real + 300 generated images" in log and "70% generated per batch" in log
     assert load_checkpoint(tmp_path / "full" / "last.pt")["step"] == 4   # 2 epochs x 2 batches
 
-    def crash(self):  # after epoch 1's last.pt and metrics row were written
-        raise RuntimeError("crash")
-
-    monkeypatch.setattr(train_mod.RunLog, "plot", crash)
-    with pytest.raises(RuntimeError, match="crash"):
-        train(cfg, tmp_path / "cut", echo=False)
-    monkeypatch.undo()
-    train(cfg, tmp_path / "cut", resume=True, echo=False)
-    full, cut = (load_checkpoint(tmp_path / r / "last.pt") for r in ("full", "cut"))
+    full, cut = crash_after_epoch_1_and_resume(cfg, tmp_path, monkeypatch)
     for key, value in full["model"].items():
         assert torch.equal(value, cut["model"][key]), key
 
@@ -292,7 +299,8 @@ def test_validation_split_is_carved_from_training_data_and_fixed_by_the_seed():
     split = Split(torch.arange(100).view(100, 1, 1, 1).to(torch.uint8), torch.arange(100) % 10)
     rest, val = carve_validation(split, 20, seed=3)
     ids_rest, ids_val = set(rest.images.flatten().tolist()), set(val.images.flatten().tolist())
-    assert len(ids_val) == 20 and ids_rest.isdisjoint(ids_val) and ids_rest | ids_val == set(range(100))
+    assert len(ids_val) == 20 and ids_rest.isdisjoint(ids_val)
+    assert ids_rest | ids_val == set(range(100))
     assert torch.equal(carve_validation(split, 20, seed=3)[1].images, val.images)
     assert not torch.equal(carve_validation(split, 20, seed=4)[1].images, val.images)
     assert torch.equal(val.labels, val.images.flatten().long() % 10)  # labels travel with images
@@ -314,3 +322,23 @@ def test_the_per_epoch_check_never_touches_the_test_set(tmp_path, monkeypatch):
     assert best["selected_by"]["points"] == "val-100"
     assert not best["selected_by"]["on_test_points"]
     assert "val-100" in (tmp_path / "run" / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("method", ["mart", "lbgat"])
+def test_mart_and_lbgat_train_on_the_digits_and_resume_exactly(method, tmp_path, monkeypatch):
+    """Both methods train the demo data end to end (with label smoothing); LBGAT's natural model
+    is checkpointed and resumed with the robust one, bit-exactly."""
+    overrides = ["train.epochs=2", "attack.steps=2", "eval.pgd_steps=1", "eval.val_size=64",
+                 f"loss.method={method}", "loss.beta=6.0", "loss.natural_arch=small-cnn",
+                 "loss.label_smoothing=0.1"] + (["attack.objective=ce"] if method == "mart" else [])
+    cfg = load_config(DEMO, overrides)
+    metrics = train(cfg, tmp_path / "full", echo=False)
+    assert math.isfinite(metrics["loss"]) and metrics["clean_acc"] > 0.2
+
+    full, cut = crash_after_epoch_1_and_resume(cfg, tmp_path, monkeypatch)
+    parts = ["model"] + (["natural"] if method == "lbgat" else [])
+    for part in parts:
+        state = full[part] if part == "model" else full[part]["model"]
+        other = cut[part] if part == "model" else cut[part]["model"]
+        assert all(torch.equal(v, other[k]) for k, v in state.items()), part
+    assert (full["natural"] is None) == (method != "lbgat")

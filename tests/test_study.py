@@ -1,0 +1,137 @@
+"""`advgkl study`: a tiny study runs, survives a SIGKILL of the study process, skips what is
+finished, shows failed runs as such, and its summary equals its records."""
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from advgkl.errors import UserError
+from advgkl.study import load_study
+
+ROOT = Path(__file__).parent.parent
+DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
+TINY = {
+    "name": "tiny", "base": str(DEMO), "seeds": [0, 1],
+    "overrides": ["train.epochs=2", "attack.steps=1", "eval.pgd_steps=1", "eval.val_size=64",
+                  "model.arch=small-cnn"],
+    "eval": {"n_examples": 20, "eps": "32/255", "batch_size": 20},
+    "rows": [{"name": "plain", "overrides": ["loss.method=pgd_at", "attack.steps=0",
+                                             "attack.random_start=none"]},
+             {"name": "gkl", "overrides": []},
+             {"name": "broken", "overrides": ["train.lr=1e30"]}],   # fails: non-finite loss
+}
+
+
+def write_study(tmp_path, tree=TINY):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def study_cli(path, *args):
+    return subprocess.run([sys.executable, "-m", "advgkl", "study", str(path), *args],
+                          capture_output=True, text=True, cwd=path.parent)
+
+
+def alive(pattern: str) -> bool:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_study_runs_resumes_after_sigkill_skips_finished_runs_and_aggregates_exactly(tmp_path):
+    path = write_study(tmp_path)
+    out = tmp_path / "studies" / "tiny"
+    proc = subprocess.Popen([sys.executable, "-m", "advgkl", "study", str(path)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "results" / "digits" / "Linf" / "plain-s0.json"
+    second = out / "runs" / "plain-s1"
+    deadline = time.monotonic() + 120
+    while not (first.exists() and (second / "train.log").exists()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.kill()                                      # the study process, mid-way through run 2
+    proc.wait()
+    time.sleep(1)
+    assert not alive("run.name=plain-s1"), "the killed study left its training running"
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs" / "plain-s0").iterdir()}
+
+    done = study_cli(path)
+    assert done.returncode == 2                                     # the broken row failed
+    assert done.stderr.splitlines()[-1].startswith(
+        "advgkl: error: 2 run(s) failed: broken-s0: training failed")
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs" / "plain-s0").iterdir()} == before
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert logs["plain-s0.log"].count("$ advgkl") == 2            # trained and evaluated once
+    assert "train --resume" in logs["plain-s1.log"]                # the killed run continued
+
+    again = study_cli(path)                            # nothing left but the broken row
+    assert {p.name: p.read_text() for p in (out / "logs").iterdir() if "broken" not in p.name} \
+        == {k: v for k, v in logs.items() if "broken" not in k}
+    assert again.returncode == 2
+
+    with open(out / "summary.csv", newline="") as f:
+        summary = {row["row"]: row for row in csv.DictReader(f)}
+    assert summary["broken"]["runs_done"] == "0"
+    assert "failed: broken-s0, broken-s1" in summary["broken"]["status"]
+    assert "failed: broken-s0" in (out / "summary.md").read_text()
+    for row in ("plain", "gkl"):
+        records = [json.loads((out / "results" / "digits" / "Linf" /
+                               f"{row}-s{s}.detailed.json").read_text()) for s in (0, 1)]
+        robust = [r["robust_acc"] for r in records]
+        assert float(summary[row]["robust_mean"]) == statistics.fmean(robust)
+        assert float(summary[row]["robust_std"]) == statistics.stdev(robust)
+        clean = [r["clean_acc"] for r in records]
+        assert float(summary[row]["clean_mean"]) == statistics.fmean(clean)
+        worst = [min(c["robust_acc"] for c in r["per_class"]) for r in records]
+        assert float(summary[row]["worst_class_robust_mean"]) == statistics.fmean(worst)
+        after_t = [next(a["robust_acc"] for a in r["per_attack"] if a["attack"] == "apgd-t")
+                   for r in records]
+        assert float(summary[row]["after_apgd-t_mean"]) == statistics.fmean(after_t)
+    for png in ("robust_vs_clean.png", "per_class.png", "curves.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_print_gives_one_command_per_run_and_a_slurm_array(tmp_path):
+    path = write_study(tmp_path)
+    out = study_cli(path, "--print")
+    assert out.returncode == 0, out.stderr
+    commands = out.stdout.splitlines()
+    assert commands[0] == f"advgkl study {path} --run plain-s0" and len(commands) == 6
+    script = (tmp_path / "studies" / "tiny" / "slurm_array.sh").read_text()
+    assert "#SBATCH --array=0-5" in script and "--run $SLURM_ARRAY_TASK_ID" in script
+    study = load_study(path, tmp_path / "studies" / "tiny")
+    assert [r.name for r in study.runs][5] == "broken-s1"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "red"}, "unknown keys ['colour']"),
+    ({"rows": [{"name": "a", "overrides": ["train.epochz=3"]}]}, "row a: train.epochz"),
+    ({"rows": [{"name": "a"}, {"name": "a"}]}, "each row needs a unique name"),
+    ({"base": "missing.yaml"}, "base config missing.yaml not found"),
+    ({"seeds": []}, "seeds a non-empty list"),
+    ({"eval": {"eps": 8}}, "did you mean 8/255?"),
+    ({"rows": [{"name": "a", "overrides": ["eval.check=none"]}]}, "writes no best.pt"),
+])
+def test_a_bad_study_file_is_refused_naming_what_is_wrong(tmp_path, change, message):
+    path = write_study(tmp_path, {**TINY, **change})
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("?", r"\?")):
+        load_study(path)
+
+
+STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_every_shipped_study_loads_and_each_row_validates(path):
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("#") and any("Cost:" in line for line in lines if line[:1] == "#")
+    assert any(f"advgkl study configs/studies/{path.name}" in line for line in lines[:6])
+    study = load_study(path)
+    assert len(study.runs) == len(study.rows) * len(study.seeds) >= 2
