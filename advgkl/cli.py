@@ -125,12 +125,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         attacks=args.attacks.split(",") if args.attacks else None, quick=args.quick,
         batch_size=args.batch_size, seed=args.seed, state=args.state, model_name=args.model_name,
         out=args.out, weights=args.weights, device=args.device, data_root=args.data_root,
-        shard=parse_shard(args.shard) if args.shard else None, meta=_meta(args))
+        shard=parse_shard(args.shard) if args.shard else None, meta=_meta(args),
+        robustbench=args.robustbench, model_dir=args.model_dir)
     result, paths = run_eval_job(job)
     steps = ", ".join(f"{a['attack']} {100 * a['robust'] / result.n_examples:.2f}%"
                       for a in result.per_attack)
     print(f"{result.label}: clean {100 * result.clean_acc:.2f}%, robust "
           f"{100 * result.robust_acc:.2f}% on {result.n_examples} points ({steps})")
+    if args.robustbench:
+        board = _zoo_leaderboard(paths)
+        print("RobustBench's leaderboard: " + (
+            f"clean {board['clean_acc']}%, AutoAttack {board['autoattack_acc']}%" if board else
+            "no numbers in the installed robustbench (its PyPI package ships no model_info)"))
     worst = result.worst_class()
     if worst is not None:
         print(f"worst class: {worst['class']}, robust {100 * worst['robust_acc']:.2f}% "
@@ -139,6 +145,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if path.exists():
             print(f"wrote {path}")
     return 0
+
+
+def _zoo_leaderboard(paths: dict) -> dict | None:
+    import json
+
+    record = next((p for k, p in paths.items() if k in ("detailed", "shard")), None)
+    if record is None or not record.exists():
+        return None
+    return json.loads(record.read_text())["config"]["robustbench"]["leaderboard"]
 
 
 def _cmd_eval_merge(args: argparse.Namespace) -> int:
@@ -226,7 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "RobustBench) with standard AutoAttack (pyautoattack), or a quick, clearly "
                     "labelled non-standard check. Under torchrun each process evaluates a "
                     "contiguous shard and rank 0 merges them.")
-    ev.add_argument("checkpoint", metavar="CHECKPOINT")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?",
+                    help="an advgkl checkpoint (or give --robustbench NAME instead)")
+    ev.add_argument("--robustbench", metavar="NAME",
+                    help="a RobustBench model-zoo entry instead, loaded by RobustBench's own "
+                         "loader for --dataset (default cifar10) and threat --norm")
+    ev.add_argument("--model-dir", default="models",
+                    help="RobustBench's weights folder (MODEL_DIR/<dataset>/<threat>/NAME.pt)")
     ev.add_argument("--dataset", choices=("cifar10", "cifar100", "digits"),
                     help="default: the checkpoint's training data")
     ev.add_argument("--n-examples", type=int, default=10_000)

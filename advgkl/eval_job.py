@@ -29,7 +29,7 @@ from advgkl.leaderboard import detailed_record, model_info, sha256_file, write_n
 
 @dataclass
 class EvalJob:
-    checkpoint: str
+    checkpoint: str | None              # an advgkl checkpoint, or None with `robustbench`
     dataset: str | None = None
     n_examples: int = 10_000
     eps: float = 8 / 255
@@ -47,6 +47,23 @@ class EvalJob:
     data_root: str = "data"
     shard: tuple[int, int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    robustbench: str | None = None      # a RobustBench model-zoo entry instead of a checkpoint
+    model_dir: str = "models"           # where RobustBench keeps (and downloads) zoo weights
+
+
+@dataclass
+class Subject:
+    """What is evaluated, as the records name it."""
+
+    model: torch.nn.Module
+    dataset: str
+    arch: str
+    checkpoint: str                     # a path, or robustbench:<dataset>/<threat>/<entry>
+    sha256: str | None
+    weights: str                        # avg, ema, model, or zoo
+    config: dict
+    selection: dict | None
+    name: str                           # the default record name
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -109,6 +126,8 @@ def _quick_pgd(quick: str) -> tuple[str, int]:
 def check_job(job: EvalJob) -> None:
     """Every option of `job` that can be checked without the checkpoint or the data."""
     check_eps(job.eps, job.norm)
+    if (job.checkpoint is None) == (job.robustbench is None):
+        raise UserError("give a CHECKPOINT or --robustbench NAME (one of them)")
     if job.n_examples < 1 or job.batch_size < 1:
         raise UserError("--n-examples and --batch-size must be at least 1")
     if job.quick is None:
@@ -173,9 +192,18 @@ def partial_log(log: Path) -> Path:
     return log.with_name(log.name + ".partial")
 
 
-def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
-    """Evaluate (one shard of) a checkpoint and write its records."""
-    check_job(job)
+def _subject(job: EvalJob) -> Subject:
+    """The model to evaluate and its description: an advgkl checkpoint's weights, or a RobustBench
+    zoo entry loaded by RobustBench."""
+    if job.robustbench is not None:
+        from advgkl.zoo import load_zoo_model
+
+        dataset = job.dataset or "cifar10"
+        model, zoo = load_zoo_model(job.robustbench, dataset=dataset, threat=job.norm,
+                                    model_dir=job.model_dir)
+        return Subject(model, dataset, type(model).__name__,
+                       f"robustbench:{dataset}/{job.norm}/{job.robustbench}",
+                       zoo["weights_sha256"], "zoo", {"robustbench": zoo}, None, job.robustbench)
     ckpt = load_checkpoint(job.checkpoint)
     config = ckpt.get("config") or {}
     dataset = job.dataset or config.get("data", {}).get("dataset")
@@ -186,8 +214,18 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
         raise UserError(f"the checkpoint has {ckpt.get('num_classes')} classes, {dataset} has "
                         f"{NUM_CLASSES[dataset]}")
     weights = default_weights(ckpt) if job.weights == "auto" else job.weights
+    model = model_from_checkpoint(ckpt, what=job.checkpoint, weights=weights)
+    return Subject(model, dataset, ckpt["arch"], job.checkpoint, sha256_file(job.checkpoint),
+                   weights, config, selection_of(ckpt, job.checkpoint),
+                   Path(job.checkpoint).resolve().parent.name)
+
+
+def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
+    """Evaluate (one shard of) a checkpoint and write its records."""
+    check_job(job)
+    subject = _subject(job)
     device = _device(job.device)
-    model = model_from_checkpoint(ckpt, what=job.checkpoint, weights=weights).to(device).eval()
+    model, dataset = subject.model.to(device).eval(), subject.dataset
     test = load_split(dataset, train=False, root=job.data_root)
     if job.n_examples > len(test.labels):
         raise UserError(f"--n-examples {job.n_examples} is more than the {len(test.labels)} "
@@ -199,7 +237,7 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     if shard and job.shard is None and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=timedelta(hours=48))  # a shard of AutoAttack takes hours
-    name = job.model_name or Path(job.checkpoint).resolve().parent.name
+    name = job.model_name or subject.name
     out_dir = Path(job.out) / dataset / job.norm
     kind = job.quick or job.version
     paths = output_paths(out_dir, name, kind, shard)
@@ -219,9 +257,9 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     x, y = to_unit_float(test.images[first:end]), test.labels[first:end]
     result = _run(job, model, x, y, device, first, log and partial_log(log), state)
     detailed = {"kind": kind, **detailed_record(
-        result, dataset=dataset, arch=ckpt["arch"], checkpoint=job.checkpoint,
-        checkpoint_sha256=sha256_file(job.checkpoint), weights=weights, config=config),
-        "selection": selection_of(ckpt, job.checkpoint)}
+        result, dataset=dataset, arch=subject.arch, checkpoint=subject.checkpoint,
+        checkpoint_sha256=subject.sha256, weights=subject.weights, config=subject.config),
+        "selection": subject.selection}
     if shard is None:
         write_records(result, detailed, paths, job.meta)
         return result, paths
