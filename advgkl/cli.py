@@ -109,6 +109,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or auto") from None
+
+
 def _meta(args: argparse.Namespace) -> dict:
     return {"link": args.link, "name": args.paper_name, "authors": args.authors,
             "venue": args.venue, "additional_data": args.additional_data,
@@ -123,10 +132,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, dataset=args.dataset, n_examples=args.n_examples,
         eps=parse_number("--eps", args.eps), norm=args.norm, version=args.version,
         attacks=args.attacks.split(",") if args.attacks else None, quick=args.quick,
-        batch_size=args.batch_size, seed=args.seed, state=args.state, model_name=args.model_name,
+        batch_size=None if args.batch_size == "auto" else args.batch_size, seed=args.seed,
+        state=args.state, model_name=args.model_name,
         out=args.out, weights=args.weights, device=args.device, data_root=args.data_root,
         shard=parse_shard(args.shard) if args.shard else None, meta=_meta(args),
-        robustbench=args.robustbench, model_dir=args.model_dir)
+        robustbench=args.robustbench, model_dir=args.model_dir, precision=args.precision,
+        channels_last=args.channels_last, compile=args.compile,
+        cudnn_benchmark=args.cudnn_benchmark, compare_with=args.compare_with)
     result, paths = run_eval_job(job)
     steps = ", ".join(f"{a['attack']} {100 * a['robust'] / result.n_examples:.2f}%"
                       for a in result.per_attack)
@@ -137,6 +149,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print("RobustBench's leaderboard: " + (
             f"clean {board['clean_acc']}%, AutoAttack {board['autoattack_acc']}%" if board else
             "no numbers in the installed robustbench (its PyPI package ships no model_info)"))
+    compared = _record(paths).get("flags_vs_reference") if args.compare_with else None
+    if compared:
+        print(f"robust flags vs {compared['reference']}: {compared['differ']} of "
+              f"{result.n_examples} points differ" + (f" ({compared['points'][:10]})"
+                                                     if compared["differ"] else ""))
     worst = result.worst_class()
     if worst is not None:
         print(f"worst class: {worst['class']}, robust {100 * worst['robust_acc']:.2f}% "
@@ -147,13 +164,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zoo_leaderboard(paths: dict) -> dict | None:
+def _record(paths: dict) -> dict:
+    """The detailed (or shard) record an evaluation just wrote; {} on the ranks that wrote none."""
     import json
 
     record = next((p for k, p in paths.items() if k in ("detailed", "shard")), None)
-    if record is None or not record.exists():
-        return None
-    return json.loads(record.read_text())["config"]["robustbench"]["leaderboard"]
+    return json.loads(record.read_text()) if record is not None and record.exists() else {}
+
+
+def _zoo_leaderboard(paths: dict) -> dict | None:
+    return (_record(paths).get("config") or {}).get("robustbench", {}).get("leaderboard")
 
 
 def _cmd_eval_merge(args: argparse.Namespace) -> int:
@@ -258,7 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--attacks", help="comma-separated, with --version custom")
     ev.add_argument("--quick", metavar="KIND",
                     help="non-standard check instead: pgd-K (CE), cw-K, or apgd (APGD-CE + APGD-T)")
-    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--batch-size", type=_batch_size, default=500,
+                    help="images per AutoAttack batch, or auto: half the largest power of two "
+                         "whose forward and backward fit on the GPU (500 off the GPU)")
+    speed = ev.add_argument_group("speed (what AutoAttack computes is unchanged; recorded in "
+                                  "the detailed record)")
+    speed.add_argument("--channels-last", action="store_true",
+                       help="run the model in channels_last memory format")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (dynamic shapes: AutoAttack's batches shrink)")
+    speed.add_argument("--cudnn-benchmark", action="store_true",
+                       help="let cuDNN pick the fastest kernels (CUDA)")
+    speed.add_argument("--compare-with", metavar="RECORD.json",
+                       help="a detailed record of the same points (e.g. the plain fp32 run): "
+                            "count and list the points whose robust flag differs")
+    ev.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: AutoAttack under bf16 autocast, a NON-STANDARD screening "
+                         "(NAME.standard-bf16.json only, never model_info)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--state", help="state file: a restarted evaluation continues from it")
     ev.add_argument("--model-name", help="record name; default: the run folder's name")

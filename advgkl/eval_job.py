@@ -24,6 +24,7 @@ from advgkl.data import NUM_CLASSES, load_split, to_unit_float
 from advgkl.errors import UserError
 from advgkl.evaluate import (APGD_ONLY, EvalResult, check_eps, evaluate_autoattack, evaluate_pgd,
                              merge_results, resolve_attacks)
+from advgkl.eval_speed import probe_batch_size, speed_up
 from advgkl.leaderboard import detailed_record, model_info, sha256_file, write_new
 
 
@@ -37,7 +38,7 @@ class EvalJob:
     version: str = "standard"
     attacks: list[str] | None = None
     quick: str | None = None            # "pgd-K", "cw-K" or "apgd": non-standard checks
-    batch_size: int = 500
+    batch_size: int | None = 500        # None: the largest that fits, found by a short probe
     seed: int = 0
     state: str | None = None
     model_name: str | None = None
@@ -49,6 +50,11 @@ class EvalJob:
     meta: dict[str, Any] = field(default_factory=dict)
     robustbench: str | None = None      # a RobustBench model-zoo entry instead of a checkpoint
     model_dir: str = "models"           # where RobustBench keeps (and downloads) zoo weights
+    precision: str = "fp32"             # "bf16": autocast screening, NON-STANDARD
+    channels_last: bool = False         # speed only: what AutoAttack computes is unchanged
+    compile: bool = False
+    cudnn_benchmark: bool = False
+    compare_with: str | None = None     # a detailed record of the same points: list differing flags
 
 
 @dataclass
@@ -95,23 +101,23 @@ def _device(name: str) -> torch.device:
 
 
 def _run(job: EvalJob, model, x, y, device, first: int, log_path: Path | None,
-         state: str | None) -> EvalResult:
+         state: str | None, batch: int) -> EvalResult:
     progress = not dist.is_initialized() or dist.get_rank() == 0
     if job.quick is None:
         return evaluate_autoattack(model, x, y, eps=job.eps, norm=job.norm, version=job.version,
-                                   attacks=job.attacks, batch_size=job.batch_size, seed=job.seed,
+                                   attacks=job.attacks, batch_size=batch, seed=job.seed,
                                    state_path=state, device=device, log_path=log_path,
-                                   progress=progress, first_index=first)
+                                   progress=progress, first_index=first, precision=job.precision)
     if job.quick == "apgd":
         return evaluate_autoattack(
             model, x, y, eps=job.eps, norm=job.norm, version="custom", attacks=APGD_ONLY,
-            batch_size=job.batch_size, seed=job.seed, state_path=state, device=device,
+            batch_size=batch, seed=job.seed, state_path=state, device=device,
             log_path=log_path, progress=progress, first_index=first,
             label="APGD-CE + APGD-T screening, NON-STANDARD (not AutoAttack)")
     kind, steps = _quick_pgd(job.quick)
     torch.manual_seed(job.seed)
     return evaluate_pgd(model, x, y, eps=job.eps, norm=job.norm, steps=steps,
-                        loss="ce" if kind == "pgd" else "cw", batch_size=job.batch_size,
+                        loss="ce" if kind == "pgd" else "cw", batch_size=batch,
                         device=device, progress=progress, first_index=first)
 
 
@@ -128,8 +134,12 @@ def check_job(job: EvalJob) -> None:
     check_eps(job.eps, job.norm)
     if (job.checkpoint is None) == (job.robustbench is None):
         raise UserError("give a CHECKPOINT or --robustbench NAME (one of them)")
-    if job.n_examples < 1 or job.batch_size < 1:
+    if job.n_examples < 1 or (job.batch_size is not None and job.batch_size < 1):
         raise UserError("--n-examples and --batch-size must be at least 1")
+    if job.precision == "bf16" and job.quick is not None:
+        raise UserError("--precision bf16 is a screening mode of AutoAttack; not with --quick")
+    if job.compare_with and job.shard:
+        raise UserError("--compare-with compares whole evaluations; merge the shards first")
     if job.quick is None:
         resolve_attacks(job.version, job.attacks)
     elif job.quick != "apgd":
@@ -173,7 +183,8 @@ def write_records(result: EvalResult, base: dict, paths: dict[str, Path],
     detailed = {"kind": base["kind"], **detailed_record(
         result, dataset=base["dataset"], arch=base["architecture"], checkpoint=base["checkpoint"],
         checkpoint_sha256=base["checkpoint_sha256"], weights=base["weights"],
-        config=base["config"]), "selection": base.get("selection")}
+        config=base["config"]),
+        **{key: base.get(key) for key in ("selection", "speed", "flags_vs_reference")}}
     write_new(paths["detailed"], json.dumps(detailed, indent=2) + "\n")
     if "info" in paths:
         warning = _selection_footnote(detailed["selection"])
@@ -239,7 +250,7 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
                                 timeout=timedelta(hours=48))  # a shard of AutoAttack takes hours
     name = job.model_name or subject.name
     out_dir = Path(job.out) / dataset / job.norm
-    kind = job.quick or job.version
+    kind = job.quick or (job.version if job.precision == "fp32" else f"{job.version}-bf16")
     paths = output_paths(out_dir, name, kind, shard)
     final = output_paths(out_dir, name, kind, None)
     for path in (*paths.values(), *(final.values() if job.shard is None else ())):
@@ -255,11 +266,18 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     if shard:
         first, end = shard[0] * job.n_examples // shard[1], (shard[0] + 1) * job.n_examples // shard[1]
     x, y = to_unit_float(test.images[first:end]), test.labels[first:end]
-    result = _run(job, model, x, y, device, first, log and partial_log(log), state)
+    model, speed = speed_up(model, device, channels_last=job.channels_last, compile=job.compile,
+                            cudnn_benchmark=job.cudnn_benchmark)
+    batch = job.batch_size or probe_batch_size(model, x, device, limit=len(y))
+    speed.update(batch_size=batch, batch_size_probed=job.batch_size is None,
+                 precision=job.precision)
+    result = _run(job, model, x, y, device, first, log and partial_log(log), state, batch)
     detailed = {"kind": kind, **detailed_record(
         result, dataset=dataset, arch=subject.arch, checkpoint=subject.checkpoint,
         checkpoint_sha256=subject.sha256, weights=subject.weights, config=subject.config),
-        "selection": subject.selection}
+        "selection": subject.selection, "speed": speed,
+        "flags_vs_reference": (compare_flags(result, job.compare_with) if job.compare_with
+                               else None)}
     if shard is None:
         write_records(result, detailed, paths, job.meta)
         return result, paths
@@ -273,6 +291,19 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     dist.barrier()
     dist.destroy_process_group()
     return result, final
+
+
+def compare_flags(result: EvalResult, reference: str) -> dict[str, Any]:
+    """Where `result`'s robust flags differ from those of the detailed record `reference` on the
+    same points (global indices)."""
+    ref = EvalResult.from_dict(read_record(Path(reference))["result"])
+    if (ref.first_index, ref.n_examples, ref.eps, ref.norm) != (
+            result.first_index, result.n_examples, result.eps, result.norm):
+        raise UserError(f"--compare-with {reference}: evaluated other points, eps or norm")
+    differ = [result.first_index + i for i, (a, b) in
+              enumerate(zip(result.robust_flags, ref.robust_flags)) if a != b]
+    return {"reference": str(reference), "reference_label": ref.label, "differ": len(differ),
+            "points": differ, "robust_acc_difference": result.robust_acc - ref.robust_acc}
 
 
 def read_record(path: Path) -> dict:

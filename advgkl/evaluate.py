@@ -56,6 +56,7 @@ class EvalResult:
     first_index: int = 0            # the points are [first_index, first_index + n_examples)
     label: str = "AutoAttack"       # non-standard evaluations say so here
     labels: list[int] = field(default_factory=list)   # the true class of each point
+    precision: str = "fp32"         # "bf16": autocast screening, never standard
 
     def per_class(self) -> list[dict]:
         """Clean and robust accuracy of each class present, in class order."""
@@ -80,7 +81,8 @@ class EvalResult:
 
     @property
     def standard(self) -> bool:
-        return self.version == "standard" and self.attacks == VERSIONS["standard"]
+        return (self.version == "standard" and self.attacks == VERSIONS["standard"]
+                and self.precision == "fp32")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "clean_acc": self.clean_acc, "robust_acc": self.robust_acc}
@@ -223,6 +225,19 @@ def _load_state(path: Path | None, settings: dict) -> dict:
     return state
 
 
+class _Bf16Model(nn.Module):
+    """The network under bf16 autocast, its logits handed back in fp32: AutoAttack's own
+    arithmetic (losses, step sizes, Square's buffers) stays as written."""
+
+    def __init__(self, model: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.model, self.device_type = model, device_type
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
 @torch.no_grad()
 def _clean_flags(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device) -> Tensor:
     flags = torch.zeros(len(y), dtype=torch.bool)
@@ -237,26 +252,35 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
                         batch_size: int = 500, seed: int = 0, state_path: str | Path | None = None,
                         device: torch.device | str | None = None, log_path: str | Path | None = None,
                         progress: bool = True, first_index: int = 0,
-                        label: str | None = None) -> EvalResult:
+                        label: str | None = None, precision: str = "fp32") -> EvalResult:
     """AutoAttack (pyautoattack) on (x, y): clean and robust accuracy, accuracy after each attack
     in order, seconds per attack, robust flags per point, and the flags AutoAttack's checks raise.
-    The model runs in eval mode, fp32, without autocast. With `state_path`, progress is saved
+    The model runs in eval mode, fp32, without autocast; `precision="bf16"` runs the network
+    under bf16 autocast instead (AutoAttack's own arithmetic stays fp32), a NON-STANDARD
+    screening labelled so. With `state_path`, progress is saved
     after every batch and a restarted call continues from it."""
     import pyautoattack
     from pyautoattack import checks
 
     check_eps(eps, norm)
     attacks = resolve_attacks(version, attacks)
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"precision: {precision!r} is not fp32 or bf16")
     if label is None:
         label = ("AutoAttack" if version == "standard"
                  else f"AutoAttack {version} ({', '.join(attacks)}), NON-STANDARD")
+        if precision == "bf16":
+            label += " in bf16 autocast, NON-STANDARD screening"
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     state_path = Path(state_path) if state_path is not None else None
     settings = {"v": STATE_VERSION, "n": len(y), "eps": eps, "norm": norm, "version": version,
                 "attacks": attacks, "seed": seed, "batch_size": batch_size,
-                "data": _fingerprint(x, y), "model": _model_fingerprint(model)}
+                "data": _fingerprint(x, y), "model": _model_fingerprint(model),
+                "precision": precision}
     state = _load_state(state_path, settings)
+    if precision == "bf16":
+        model = _Bf16Model(model, device.type)
 
     def save() -> None:
         if state_path is not None:
@@ -319,7 +343,7 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
         n_examples=len(y), clean_flags=state["clean_flags"], robust_flags=state["robust_flags"],
         per_attack=state["done"], eps=eps, norm=norm, version=version, attacks=attacks, seed=seed,
         check_flags=state["check_flags"], first_index=first_index, label=label,
-        labels=y.tolist())
+        labels=y.tolist(), precision=precision)
 
 
 def evaluate_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "Linf",
@@ -378,4 +402,4 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
         eps=first.eps, norm=first.norm, version=first.version, attacks=first.attacks,
         seed=first.seed, check_flags=sorted({m for r in results for m in r.check_flags}),
         first_index=first.first_index, label=first.label,
-        labels=[c for r in results for c in r.labels])
+        labels=[c for r in results for c in r.labels], precision=first.precision)

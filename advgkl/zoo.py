@@ -33,8 +33,8 @@ def leaderboard_numbers(name: str, dataset: str, threat: str) -> dict[str, Any] 
         path = base / dataset / threat / f"{name}.json"
         if path.is_file():
             info = json.loads(path.read_text())
-            return {"clean_acc": info.get("clean_acc"), "autoattack_acc": info.get("autoattack_acc"),
-                    "source": str(path)}
+            return {"clean_acc": info.get("clean_acc"),
+                    "autoattack_acc": info.get("autoattack_acc"), "source": str(path)}
     return None
 
 
@@ -51,8 +51,9 @@ def load_zoo_model(name: str, *, dataset: str, threat: str, model_dir: str | Pat
     entries = all_models[BenchmarkDataset(dataset)][ThreatModel(threat)]
     if name not in entries:
         close = sorted(e for e in entries if e.lower().startswith(name.lower()[:4]))[:5]
+        hint = f"; e.g. {', '.join(close)}" if close else ""
         raise UserError(f"--robustbench {name}: no such entry in RobustBench's {dataset} {threat} "
-                        f"zoo ({len(entries)} entries{'; e.g. ' + ', '.join(close) if close else ''})")
+                        f"zoo ({len(entries)} entries{hint})")
     path = Path(model_dir) / dataset / threat / f"{name}.pt"
     had_file = path.is_file()
     try:

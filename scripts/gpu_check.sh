@@ -6,7 +6,9 @@
 # with its own time limit so one slow step cannot cost the others' results:
 #   1. machine facts; 2. bench_step.py for WRN-34-10, batch 128 and 256, K=5, AWP on (reference
 #   fp32 vs ours fp32 / bf16 / bf16+channels_last); 3. bf16-vs-fp32 loss curve; 4. APGD-CE timing
-#   on WRN-34-10, 512 points, fp32; 5. the CUDA-marked tests; 6. bf16+channels_last+compile.
+#   on WRN-34-10, 512 points, fp32; 5. the CUDA-marked tests; 6. bf16+channels_last+compile;
+#   7. the standard-AutoAttack projection for 10,000 points of WRN-34-10 (bench_aa.py: plain,
+#   channels_last, compile, bf16; not yet run on a GPU, its time is a guess: it goes last).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -43,6 +45,8 @@ step apgd_timing 90 python3 scripts/bench_eval.py --apgd-model wrn-34-10 --apgd-
 step cuda_tests 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
 step bench_step_compile 200 "${BENCH[@]}" --batch-size 256 --warmup 4 \
     --variants bf16-cl,bf16-cl-compile --json "$OUT/bench_step_compile.json"
+step bench_aa 420 python3 scripts/bench_aa.py --device cuda --model wrn-34-10 --n 128 \
+    --batch-size 128 --variants plain,channels_last,compile,bf16 --json "$OUT/bench_aa.json"
 
 echo "failed steps: ${failed[*]:-none}" | tee "$OUT/summary.txt"
 [ ${#failed[@]} = 0 ]

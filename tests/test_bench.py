@@ -1,4 +1,4 @@
-"""The training-step benchmark: its reference computes the same step as ours, and it runs."""
+"""The benchmarks: bench_step's reference computes the same step as ours; both scripts run."""
 
 import json
 import subprocess
@@ -44,3 +44,23 @@ def test_bench_step_runs_and_writes_json(tmp_path):
     assert result["rows"][0]["speedup_vs_reference"] == 1.0
     assert set(result["loss_curve"]["mean_abs_diff_vs_fp32"]) == {
         "fp32-attack-seed", "fp32-other-data", "bf16"}
+
+
+def test_bench_aa_projects_from_full_budget_costs(tmp_path):
+    """The AutoAttack projection runs, every point stays robust (full budgets were timed), and
+    the projection is the profile-weighted sum of the per-point costs."""
+    import bench_aa
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_aa.py"), "--model", "small-cnn", "--n", "2",
+         "--variants", "plain,bf16", "--device", "cpu", "--json", str(tmp_path / "aa.json")],
+        capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "aa.json").read_text())
+    for row in result["rows"]:
+        costs = {k: v / 1000 for k, v in row["ms_per_point"].items()}
+        assert set(costs) == {"apgd-ce", "apgd-t", "fab-t", "square"}
+        assert row["projected_hours_10k"] == pytest.approx(
+            bench_aa.project(costs, 0.85, 0.60, 0.57) / 3600)
+    assert bench_aa.project({"apgd-ce": 1, "apgd-t": 2, "fab-t": 3, "square": 4}, 1, 0.5, 0.25,
+                            n=10) == 10 * (1 + 0.5 * 2 + 0.25 * 7)
