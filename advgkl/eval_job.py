@@ -138,8 +138,8 @@ def check_job(job: EvalJob) -> None:
         raise UserError("--n-examples and --batch-size must be at least 1")
     if job.precision == "bf16" and job.quick is not None:
         raise UserError("--precision bf16 is a screening mode of AutoAttack; not with --quick")
-    if job.compare_with and job.shard:
-        raise UserError("--compare-with compares whole evaluations; merge the shards first")
+    if job.compare_with:
+        read_record(Path(job.compare_with))  # a bad path fails now, not after the evaluation
     if job.quick is None:
         resolve_attacks(job.version, job.attacks)
     elif job.quick != "apgd":
@@ -242,6 +242,8 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
         raise UserError(f"--n-examples {job.n_examples} is more than the {len(test.labels)} "
                         f"test images of {dataset}")
     shard = job.shard or _torchrun_shard()
+    if job.compare_with and shard:
+        raise UserError("--compare-with compares whole evaluations; compare the merged record")
     state = job.state
     if shard and state:
         state = f"{state}.shard-{shard[0]}-of-{shard[1]}"
