@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from advgkl.errors import UserError
+from advgkl.errors import UserError, first_line
 from advgkl.models import create_model
 
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint, or a pickle that only an "
                               "unsafe load could read; refused") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        reason = first_line(exc).split(". ")[0]
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")

@@ -21,12 +21,18 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_path(path: str) -> Path:
+    """An --out that must not exist yet (nothing is ever overwritten)."""
+    out = Path(path)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose another --out (nothing was overwritten)")
+    return out
+
+
 def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
     from advgkl.checkpoint import import_checkpoint, save_checkpoint
 
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"{out} already exists; choose another --out (nothing was overwritten)")
+    out = _new_path(args.out)
     ckpt = import_checkpoint(args.src, arch=args.arch, num_classes=args.num_classes)
     save_checkpoint(out, ckpt)
     print(f"wrote {out}: {args.arch}, {args.num_classes} classes, {len(ckpt['model'])} tensors")
@@ -46,9 +52,7 @@ def _cmd_average(args: argparse.Namespace) -> int:
     from advgkl.average import average_run
     from advgkl.checkpoint import save_checkpoint
 
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"{out} already exists; choose another --out (nothing was overwritten)")
+    out = _new_path(args.out)
     ckpt = average_run(args.run_dir, tau=args.tau, start=args.start, end=args.end)
     save_checkpoint(out, ckpt)
     avg = ckpt["averaged"]

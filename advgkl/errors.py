@@ -1,6 +1,11 @@
 """Errors a user can cause; the CLI prints them as one line and exits 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class UserError(Exception):
     """Bad input from the user (path, config, argument): shown without a traceback."""
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -188,22 +188,15 @@ def _run_checks(adversary, x: Tensor, y: Tensor, batch_size: int) -> int:
     return n_classes
 
 
-def _fingerprint(x: Tensor, y: Tensor) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(y.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _model_fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's weights and buffers: a state file never continues another model."""
+def _fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 over each name and the raw bytes of its tensor, in order."""
     import hashlib
 
     digest = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for name, value in named:
+        digest.update(name.encode())
+        raw = value.detach().cpu().contiguous().view(-1).view(torch.uint8)
+        digest.update(raw.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -276,7 +269,9 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
     state_path = Path(state_path) if state_path is not None else None
     settings = {"v": STATE_VERSION, "n": len(y), "eps": eps, "norm": norm, "version": version,
                 "attacks": attacks, "seed": seed, "batch_size": batch_size,
-                "data": _fingerprint(x, y), "model": _model_fingerprint(model),
+                "data": _fingerprint([("", x), ("", y)]),
+                # the weights too: a state file never continues another model
+                "model": _fingerprint(model.state_dict().items()),
                 "precision": precision}
     state = _load_state(state_path, settings)
     if precision == "bf16":

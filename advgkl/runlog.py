@@ -65,6 +65,15 @@ METRIC_FIELDS = ("epoch", "lr", "loss", "ce", "robust", "train_acc", "clean_acc"
                  "eval_weights", "check_points", "eps", "attack_steps", "images_per_s", "seconds")
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of RUN/metrics.csv (none when it does not exist yet)."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 class RunLog:
     def __init__(self, run_dir: Path, *, echo: bool = True, write: bool = True,
                  trackers: list[str] = (), config: dict | None = None,
@@ -94,10 +103,7 @@ class RunLog:
                 f.write(line + "\n")
 
     def logged_epochs(self) -> list[int]:
-        if not self.metrics_path.exists():
-            return []
-        with open(self.metrics_path, newline="") as f:
-            return [int(row["epoch"]) for row in csv.DictReader(f)]
+        return [int(row["epoch"]) for row in read_metrics(self.run_dir)]
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         if not self.write:
@@ -120,8 +126,7 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        with open(self.metrics_path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_metrics(self.run_dir)
         epochs = [int(r["epoch"]) for r in rows]
         fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
         check = rows[-1].get("check_points") or "held-out points"

@@ -54,6 +54,13 @@ def build_optimizer(model: nn.Module, cfg: Config, *others: nn.Module) -> torch.
                            nesterov=cfg.train.nesterov)
 
 
+def _ddp(module: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """`module` behind DistributedDataParallel when there are several processes."""
+    if world == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
 def _step_objective(objective: Objective, logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
                     rows: Tensor | None, two_view: bool, aug_weight: float,
                     guide: Tensor | None) -> dict[str, Tensor]:
@@ -86,9 +93,7 @@ class TrainStep:
         self.model = model.to(device, memory_format=self.memory_format)
         self.net = torch.compile(self.model) if kernels["compile"] else self.model  # same params
         # The attack runs on `net` (no gradient sync); the training forward through DDP.
-        self.train_net = (DistributedDataParallel(
-            self.net, device_ids=[device] if device.type == "cuda" else None)
-            if world > 1 else self.net)
+        self.train_net = _ddp(self.net, device, world)
         self.train_amp = torch.autocast(device.type, torch.bfloat16, enabled=kernels["precision"])
         self.attack_amp = torch.autocast(device.type, torch.bfloat16,
                                          enabled=kernels["attack_precision"])
@@ -97,9 +102,7 @@ class TrainStep:
             if natural is None:
                 raise ValueError("natural: lbgat trains a natural model beside the robust one")
             self.natural = natural.to(device, memory_format=self.memory_format).train()
-            self.natural_train = (DistributedDataParallel(
-                self.natural, device_ids=[device] if device.type == "cuda" else None)
-                if world > 1 else self.natural)
+            self.natural_train = _ddp(self.natural, device, world)
         self.optimizer = build_optimizer(self.model, cfg,
                                          *([self.natural] if self.natural is not None else []))
         self.prior = ClassPrior(num_classes, temperature=cfg.loss.prior_temperature,

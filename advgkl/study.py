@@ -34,8 +34,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from advgkl.config import ConfigError, linf_size_problem, load_config, parse_number, read_yaml
+from advgkl.config import ConfigError, load_config, parse_number, read_yaml
 from advgkl.errors import UserError
+from advgkl.evaluate import check_eps
+from advgkl.runlog import read_metrics
 
 _KEYS = {"name", "base", "overrides", "seeds", "rows", "eval", "checkpoint"}
 _EVAL_KEYS = {"n_examples", "eps", "norm", "batch_size", "quick"}
@@ -103,11 +105,12 @@ def _eval_spec(tree: Any, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: eval must be a mapping with keys among "
                         f"{', '.join(sorted(_EVAL_KEYS))}")
     spec = {"n_examples": 10_000, "eps": "8/255", "norm": "Linf", "batch_size": 500, **tree}
-    eps = parse_number(f"{where}: eval.eps", str(spec["eps"]))
-    problem = linf_size_problem(eps) if spec["norm"] == "Linf" else None
-    if problem or eps <= 0 or spec["norm"] not in ("Linf", "L2"):
-        raise UserError(f"{where}: eval.eps / eval.norm: "
-                        f"{problem or 'eps must be > 0 and norm Linf or L2'}")
+    if spec["norm"] not in ("Linf", "L2"):
+        raise UserError(f"{where}: eval.norm: {spec['norm']!r} is not Linf or L2")
+    try:
+        check_eps(parse_number(f"{where}: eval.eps", str(spec["eps"])), spec["norm"])
+    except UserError as exc:
+        raise UserError(f"{where}: eval.{exc}") from None
     for key in ("n_examples", "batch_size"):
         if not isinstance(spec[key], int) or spec[key] < 1:
             raise UserError(f"{where}: eval.{key} must be a positive integer")
@@ -170,11 +173,9 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
 def _trained(study: Study, run: Run) -> bool:
     """Training finished: the epochs' rows are in metrics.csv and the checkpoint exists."""
     run_dir = study.run_dir(run)
-    metrics = run_dir / "metrics.csv"
-    if not (run_dir / study.checkpoint).is_file() or not metrics.is_file():
-        return False
-    lines = metrics.read_text().splitlines()
-    return len(lines) > 1 and lines[-1].split(",")[0] == str(run.epochs)
+    rows = read_metrics(run_dir)
+    return (run_dir / study.checkpoint).is_file() and bool(rows) and \
+        int(rows[-1]["epoch"]) == run.epochs
 
 
 def run_state(study: Study, run: Run) -> str:

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from advgkl.runlog import read_metrics
 from advgkl.study import Run, Study, failures, run_state
 
 METRICS = ("clean", "robust", "worst_class_robust", "check_clean", "check_robust",
@@ -17,11 +18,6 @@ METRICS = ("clean", "robust", "worst_class_robust", "check_clean", "check_robust
 _TITLES = {"clean": "clean", "robust": "robust", "worst_class_robust": "worst-class robust",
            "check_clean": "val clean", "check_robust": "val PGD",
            "train_minutes": "train min", "images_per_s": "img/s"}
-
-
-def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _checked_row(rows: list[dict[str, str]], checkpoint: str) -> dict[str, str]:
@@ -36,7 +32,7 @@ def _checked_row(rows: list[dict[str, str]], checkpoint: str) -> dict[str, str]:
 def run_values(study: Study, run: Run) -> dict[str, Any]:
     """The numbers of a finished run, from its evaluation record and metrics.csv."""
     record = json.loads(study.record(run).read_text())
-    rows = _metrics_rows(study.run_dir(run))
+    rows = read_metrics(study.run_dir(run))
     checked = _checked_row(rows, study.checkpoint)
     seconds = sum(float(r["seconds"]) for r in rows)
     images = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in rows)

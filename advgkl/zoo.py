@@ -12,14 +12,10 @@ from typing import Any
 from torch import nn
 
 from advgkl.compat import import_robustbench
-from advgkl.errors import UserError
+from advgkl.errors import UserError, first_line
 
 ZOO_DATASETS = ("cifar10", "cifar100")
 THREATS = ("Linf", "L2")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def leaderboard_numbers(name: str, dataset: str, threat: str) -> dict[str, Any] | None:
@@ -61,9 +57,9 @@ def load_zoo_model(name: str, *, dataset: str, threat: str, model_dir: str | Pat
     except Exception as exc:  # RobustBench's loader raises anything: downloads, files, keys
         if not had_file and not path.is_file():
             raise UserError(f"--robustbench {name}: no weights at {path} and RobustBench could not "
-                            f"download them ({_first_line(exc)}); put the file there") from None
+                            f"download them ({first_line(exc)}); put the file there") from None
         raise UserError(f"--robustbench {name}: RobustBench could not load {path} "
-                        f"({_first_line(exc)})") from None
+                        f"({first_line(exc)})") from None
     from advgkl.leaderboard import sha256_file
 
     return model.eval(), {"entry": name, "dataset": dataset, "threat": threat,
