@@ -1,5 +1,5 @@
-"""The training attack (inner maximization): PGD under Linf or L2, KL or CE objective, and the
-schedules that set its size per epoch."""
+"""The training attack (inner maximization): PGD under Linf or L2 with each method's objective and
+random start, and the schedules that set its size per epoch."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from advgkl.losses import gkl_loss, soft_cross_entropy
 
 NORMS = ("Linf", "L2")
-OBJECTIVES = ("kl", "gkl", "ce", "cw")
-RANDOM_STARTS = ("normal", "uniform", "none")
+OBJECTIVES = ("kl", "teacher_kl", "adaad", "gkl", "ce", "cw")
+RANDOM_STARTS = ("normal", "uniform", "uniform_unclamped", "none")
 
 
 def _per_sample_l2(t: Tensor) -> Tensor:
@@ -37,7 +37,7 @@ def _random_start(x: Tensor, eps: float, norm: str, kind: str) -> Tensor:
         return x.clone()
     if kind == "normal":  # TRADES' and the paper's start: 0.001 * N(0, 1)
         return x + 0.001 * torch.randn_like(x)
-    if norm == "Linf":
+    if norm == "Linf":  # uniform_unclamped (ARD): the first gradient before any projection
         return x + torch.empty_like(x).uniform_(-eps, eps)
     direction = torch.randn_like(x)
     direction = direction / _per_sample_l2(direction).clamp_min(1e-12)
@@ -45,21 +45,38 @@ def _random_start(x: Tensor, eps: float, norm: str, kind: str) -> Tensor:
     return x + eps * radius.view(-1, *([1] * (x.dim() - 1))) * direction
 
 
+def _promoted(t: Tensor) -> Tensor:
+    """At least float32 (bf16 logits under autocast), float64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _summed_kl(logits: Tensor, target_logits: Tensor) -> Tensor:
+    """sum KL(softmax(target) || softmax(logits)) as KLDivLoss computes it (RSLAD's and AdaAD's
+    attacks); gradients reach the target too when it has them (AdaAD: through the teacher)."""
+    return F.kl_div(F.log_softmax(_promoted(logits), dim=1),
+                    F.softmax(_promoted(target_logits), dim=1), reduction="sum")
+
+
 @dataclass
 class PGDAttack:
-    """`attack(model, x, y, logits_nat=None, prior_rows=None) -> x_adv` for images x in [0, 1].
+    """`attack(model, x, y, logits_nat=None, prior_rows=None, teacher=None) -> x_adv` for images
+    x in [0, 1].
 
     objective "kl": soft CE against the clean softmax (KL's gradient; TRADES' and the paper's
-    CIFAR-10 inner maximization); "gkl": alpha * sCE + beta * wMSE with the batch's class-prior
-    rows raised to gamma (`prior_rows`, required), the GKL robust term with the clean logits held
-    fixed (the paper's CIFAR-100 inner maximization: alpha = beta = gamma = 1); "ce": Madry's
-    cross-entropy; "cw": the Carlini-Wagner margin loss. The model runs in eval mode (train mode
-    for BN if `bn_train`) and its mode is restored; only the input gets gradients, never the
-    parameters. Clean logits are computed once per call when not given.
+    CIFAR-10 inner maximization); "teacher_kl": the same against the teacher's clean softmax
+    (`logits_nat` = the teacher's logits, required; RSLAD); "adaad": sum KL(softmax(teacher(x'))
+    || softmax(model(x'))) through both networks (`teacher`, required; AdaAD); "gkl": alpha * sCE
+    + beta * wMSE with the batch's class-prior rows raised to gamma (`prior_rows`, required), the
+    GKL robust term with the clean logits held fixed (the paper's CIFAR-100 inner maximization:
+    alpha = beta = gamma = 1); "ce": Madry's cross-entropy; "cw": the Carlini-Wagner margin
+    loss. The model runs in eval mode (train mode with `bn_train`, ARD's student) and its mode is
+    restored; only the input gets gradients, never the parameters. Clean logits are computed once
+    per call when not given.
     Random start "normal" is x + 0.001 * N(0, 1) as is, as in TRADES' and the paper's code: the
     first gradient is taken there, slightly outside [0, 1] at saturated pixels, and only the first
-    step projects. "uniform" (Madry's) is projected before the first gradient. Every step
-    projects into the ball and [0, 1], and so does a 0-step attack: x_adv always satisfies both.
+    step projects; "uniform_unclamped" (ARD) is x + U(-eps, eps), likewise unprojected until the
+    first step. "uniform" (Madry's) is projected before the first gradient. Every step projects
+    into the ball and [0, 1], and so does a 0-step attack: x_adv always satisfies both.
     """
 
     eps: float
@@ -86,15 +103,17 @@ class PGDAttack:
               prior_rows: Tensor | None) -> Tensor:
         if self.objective == "kl":
             return soft_cross_entropy(logits_adv, logits_nat) * logits_adv.shape[0]
+        if self.objective == "teacher_kl":  # RSLAD's form: KLDivLoss summed
+            return _summed_kl(logits_adv, logits_nat)
         if self.objective == "gkl":
             return gkl_loss(logits_adv, logits_nat, prior_rows, alpha=self.alpha, beta=self.beta,
                             gamma=self.gamma) * logits_adv.shape[0]
         if self.objective == "cw":  # Carlini-Wagner margin: best other logit minus the true one
-            z = logits_adv.float()
+            z = _promoted(logits_adv)
             true = z.gather(1, y[:, None]).squeeze(1)
             other = z.scatter(1, y[:, None], float("-inf")).amax(1)
             return (other - true).sum()
-        return F.cross_entropy(logits_adv.float(), y, reduction="sum")
+        return F.cross_entropy(_promoted(logits_adv), y, reduction="sum")
 
     def _step(self, x_adv: Tensor, grad: Tensor) -> Tensor:
         if self.norm == "Linf":
@@ -106,9 +125,13 @@ class PGDAttack:
         return self.objective == "gkl"
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, logits_nat: Tensor | None = None,
-                 prior_rows: Tensor | None = None) -> Tensor:
+                 prior_rows: Tensor | None = None, teacher: nn.Module | None = None) -> Tensor:
         if self.needs_prior and prior_rows is None:
             raise ValueError("prior_rows: objective 'gkl' needs the class-prior rows of the batch")
+        if self.objective == "teacher_kl" and logits_nat is None:
+            raise ValueError("logits_nat: objective 'teacher_kl' needs the teacher's logits")
+        if self.objective == "adaad" and teacher is None:
+            raise ValueError("teacher: objective 'adaad' attacks through the teacher")
         was_training = model.training
         model.train(self.bn_train)
         try:
@@ -119,12 +142,14 @@ class PGDAttack:
             if logits_nat is not None:
                 logits_nat = logits_nat.detach()
             x_adv = _random_start(x, self.eps, self.norm, self.random_start)
-            if self.random_start != "normal" or self.steps == 0:
+            if self.random_start not in ("normal", "uniform_unclamped") or self.steps == 0:
                 x_adv = _project(x_adv, x, self.eps, self.norm)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad():
-                    loss = self._loss(model(x_adv), y, logits_nat, prior_rows)
+                    loss = (_summed_kl(model(x_adv), teacher(x_adv))
+                            if self.objective == "adaad"
+                            else self._loss(model(x_adv), y, logits_nat, prior_rows))
                     (grad,) = torch.autograd.grad(loss, [x_adv])
                 x_adv = _project(self._step(x_adv.detach(), grad), x, self.eps, self.norm)
             return x_adv.detach()

@@ -9,9 +9,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from advgkl.objectives import Logits
+
 _EPS = 1e-20
 
-ObjectiveFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "dict[str, Tensor]"]
+ObjectiveFn = Callable[[Logits], "dict[str, Tensor]"]
 
 
 class AWP:
@@ -22,14 +24,20 @@ class AWP:
     and adds `gamma` times it to the model; `restore(diff)` subtracts it again after the optimizer
     step. Active from epoch `warmup_epochs` on (epochs count from 1), when gamma > 0. Under
     torch.distributed the proxy's gradients are averaged over the ranks, so all perturb alike.
+
+    The proxy's step uses `lr`, the run's base learning rate, for the whole run, as the authors'
+    proxy optimizer does: the direction does not depend on it in exact arithmetic, but in float32
+    a scheduled lr of ~1e-5 (the last epochs of a cosine schedule) makes w + lr * g round back to
+    w, and the rescaled change loses its direction.
     """
 
-    def __init__(self, model: nn.Module, *, gamma: float = 0.005, warmup_epochs: int = 10) -> None:
-        if gamma < 0 or warmup_epochs < 0:
-            raise ValueError("gamma and warmup_epochs must be >= 0")
+    def __init__(self, model: nn.Module, *, gamma: float = 0.005, warmup_epochs: int = 10,
+                 lr: float = 0.1) -> None:
+        if gamma < 0 or warmup_epochs < 0 or lr <= 0:
+            raise ValueError("gamma and warmup_epochs must be >= 0, lr > 0")
         self.model, self.gamma, self.warmup_epochs = model, gamma, warmup_epochs
         self.proxy = copy.deepcopy(model)
-        self._proxy_sgd = torch.optim.SGD(self.proxy.parameters(), lr=1.0)
+        self._proxy_sgd = torch.optim.SGD(self.proxy.parameters(), lr=lr)
 
     def active(self, epoch: int) -> bool:
         return self.gamma > 0 and epoch >= self.warmup_epochs
@@ -38,12 +46,12 @@ class AWP:
         return {name: p for name, p in module.named_parameters() if p.dim() >= 2}
 
     def perturb(self, objective: ObjectiveFn, x_nat: Tensor, x_adv: Tensor, y: Tensor,
-                prior_rows: Tensor | None, *, lr: float) -> dict[str, Tensor]:
+                prior_rows: Tensor | None) -> dict[str, Tensor]:
         """Perturb the model in place; returns the per-weight direction to pass to `restore`."""
         self.proxy.load_state_dict(self.model.state_dict())
         self.proxy.train()
-        out = objective(self.proxy(x_nat), self.proxy(x_adv), y, prior_rows)
-        self._proxy_sgd.param_groups[0]["lr"] = lr
+        nat = self.proxy(x_nat)
+        out = objective(Logits(nat=nat, adv=self.proxy(x_adv), y=y, prior_rows=prior_rows))
         self._proxy_sgd.zero_grad(set_to_none=True)
         (-out["loss"]).backward()
         if dist.is_available() and dist.is_initialized():  # one perturbation for all ranks

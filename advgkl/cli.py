@@ -8,16 +8,24 @@ from pathlib import Path
 from typing import Sequence
 
 from advgkl import __version__
-from advgkl.errors import UserError
+from advgkl.errors import UserError, check_plain_name
 
 
 # Commands import what they need, so `advgkl --version` and `advgkl config` start fast.
 
 
+def _notes(notes: list[str]) -> None:
+    for line in notes:
+        print(f"advgkl: note: {line}", file=sys.stderr)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from advgkl.config import dump_config, load_config
 
-    sys.stdout.write(dump_config(load_config(args.config, args.overrides)))
+    notes: list[str] = []
+    text = dump_config(load_config(args.config, args.overrides, notes=notes))
+    _notes(notes)
+    sys.stdout.write(text)
     return 0
 
 
@@ -103,13 +111,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir}: not a run folder (no config.yaml); nothing to resume")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / "config.yaml", saved=True)
         train(cfg, run_dir, resume=True)
         return 0
     if not args.config:
         raise UserError("give a CONFIG file, or --resume RUN_DIR")
-    cfg = load_config(args.config, args.overrides)
-    train(cfg, run_dir_for(cfg, args.config))
+    notes: list[str] = []
+    cfg = load_config(args.config, args.overrides, notes=notes)
+    train(cfg, run_dir_for(cfg, args.config), notes=notes)
     return 0
 
 
@@ -183,8 +192,9 @@ def _zoo_leaderboard(paths: dict) -> dict | None:
 def _cmd_eval_merge(args: argparse.Namespace) -> int:
     from advgkl.eval_job import merge_shard_files, output_paths, read_record
 
-    first = read_record(Path(args.shards[0]))
     name = args.model_name or Path(args.shards[0]).name.split(".shard-")[0]
+    check_plain_name(name, "--model-name")
+    first = read_record(Path(args.shards[0]))
     out_dir = Path(args.out) / first["dataset"] / first["result"]["norm"]
     paths = output_paths(out_dir, name, first["kind"], None)
     paths.pop("log", None)

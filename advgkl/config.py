@@ -1,36 +1,33 @@
 """Typed, nested run configuration: defaults < YAML file < `section.key=value` overrides.
 
 Every value is checked against its field's type, choices and range; a bad key or value raises
-`ConfigError` naming the dotted key and what is allowed.
+`ConfigError` naming the dotted key and what is allowed. Each method keeps its own section,
+`loss.<method>` (see `advgkl.methods`); a flat `loss.<key>` means the key of the method named in
+the same place (the file's method for the file, the run's method on the command line), so a file's
+values never follow a method switched on the command line: the new method's published values
+apply. `advgkl config` prints the values the chosen method uses, and only those.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
-from advgkl.errors import ConfigError
+from advgkl.config_methods import (GKL_ATTACK_WEIGHTS, bind, last_method, method_bound,
+                                   resolve_method)
+from advgkl.errors import ConfigError, check_plain_name
+from advgkl.fields import linf_size_problem, opt, parse_number, set_field
+from advgkl.methods import METHOD_NAMES, METHODS, Settings, settings_fields
 
-_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_NUMBER_OR_FRACTION = re.compile(rf"\s*({_NUMBER})\s*(?:/\s*({_NUMBER})\s*)?")
+__all__ = ["Config", "ConfigError", "build_config", "config_to_dict", "dump_config", "load_config",
+           "linf_size_problem", "parse_number", "read_yaml", "save_config"]
 
-
-def opt(default: Any, *, choices: tuple[str, ...] | None = None, ge: float | None = None,
-        gt: float | None = None, le: float | None = None, lt: float | None = None,
-        eps: bool = False, doc: str = "") -> Any:
-    """A config field: default, allowed choices, numeric bounds; `eps=True` marks a perturbation
-    size in [0,1]-image units (written as k/255 when it is one, checked against the norm)."""
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "eps": eps, "doc": doc}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+ATTACK_OBJECTIVES = ("auto", "kl", "teacher_kl", "adaad", "gkl", "ce")
+RANDOM_STARTS = ("auto", "normal", "uniform", "uniform_unclamped", "none")
 
 
 @dataclass
@@ -57,40 +54,65 @@ class ModelConfig:
 
 @dataclass
 class AttackConfig:
-    """The training attack (inner maximization)."""
+    """The training attack (inner maximization): its budget here, its objective and start by
+    default the method's own."""
 
     norm: str = opt("Linf", choices=("Linf", "L2"))
-    eps: float = opt(8 / 255, ge=0, eps=True)
+    eps: float = opt(8 / 255, ge=0, eps=True, doc="0: no attack (the method on clean images only)")
     step_size: float = opt(2 / 255, gt=0, eps=True)
     steps: int = opt(10, ge=0)
-    objective: str = opt("kl", choices=("kl", "gkl", "ce"),
-                         doc="kl: KL's gradient (soft-label CE); gkl: alpha sCE + beta wMSE with "
-                         "the class prior (the paper's CIFAR-100 attack); ce: Madry's")
+    objective: str = opt("auto", choices=ATTACK_OBJECTIVES,
+                         doc="auto: the method's own. kl: KL to the model's clean softmax; "
+                         "teacher_kl: to the teacher's (RSLAD); adaad: KL(teacher(x') || "
+                         "student(x')) through both (AdaAD); gkl: alpha sCE + beta wMSE with the "
+                         "class prior (GKL's CIFAR-100 attack); ce: Madry's")
     alpha: float = opt(1.0, ge=0, doc="objective gkl: weight of the soft-label CE")
     beta: float = opt(1.0, ge=0, doc="objective gkl: weight of the prior-weighted wMSE")
     gamma: float = opt(1.0, ge=0, doc="objective gkl: exponent of the class-prior rows")
-    random_start: str = opt("normal", choices=("normal", "uniform", "none"),
-                            doc="normal: x + 0.001 N(0,1), first gradient unprojected (TRADES, "
-                            "the paper); uniform: in the eps ball, projected")
+    random_start: str = opt("auto", choices=RANDOM_STARTS,
+                            doc="auto: the method's own. normal: x + 0.001 N(0,1), first gradient "
+                            "unprojected (TRADES, MART, GKL, RSLAD, AdaAD); uniform: in the eps "
+                            "ball, projected (Madry); uniform_unclamped: in the ball, not clamped "
+                            "to [0, 1] before the first gradient (ARD)")
     schedule: str = opt("constant",
                         choices=("constant", "linear_ramp", "paper_effective", "paper_intended"))
 
 
+def _section(method: str) -> Any:
+    return field(default_factory=METHODS[method].settings)
+
+
 @dataclass
 class LossConfig:
-    method: str = opt("gkl", choices=("pgd_at", "trades", "ikl", "gkl", "mart", "lbgat"))
-    alpha: float = opt(4.0, ge=0, doc="weight of the soft-label cross-entropy")
-    beta: float = opt(20.0, ge=0, doc="weight of the wMSE term (TRADES, MART, LBGAT: of the KL "
-                      "term)")
-    gamma: float = opt(1.0, ge=0, doc="exponent of the class prior weights")
-    temperature: float = opt(1.0, gt=0, doc="softmax temperature of the soft-label CE")
-    prior_temperature: float = opt(4.0, gt=0, doc="softmax temperature of the class prior")
-    prior_momentum: float = opt(1.0, gt=0, le=1, doc="1 replaces the prior each epoch")
-    prior_update: str = opt("epoch", choices=("epoch", "ema"))
-    label_smoothing: float = opt(0.0, ge=0, lt=1, doc="smoothing of the labels in the "
-                                 "cross-entropy each method trains on (DM-AT: 0.1)")
-    natural_arch: str = opt("preact-resnet-18", doc="lbgat: the natural model trained alongside "
-                            "(the robust model is model.arch)")
+    """`method` and one section per method; only the chosen method's section is used."""
+
+    method: str = opt("gkl", choices=METHOD_NAMES)
+    pgd_at: Any = _section("pgd_at")
+    trades: Any = _section("trades")
+    mart: Any = _section("mart")
+    lbgat: Any = _section("lbgat")
+    ikl: Any = _section("ikl")
+    gkl: Any = _section("gkl")
+    ard: Any = _section("ard")
+    rslad: Any = _section("rslad")
+    adaad: Any = _section("adaad")
+    gkl_kd: Any = _section("gkl_kd")
+
+    @property
+    def settings(self) -> Settings:
+        """The chosen method's section."""
+        return getattr(self, self.method)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = opt("", doc="the frozen teacher of ard, rslad, adaad and gkl_kd: an advgkl "
+                       "checkpoint, or robustbench:<dataset>/<threat>/<name>")
+    teacher_weights: str = opt("auto", choices=("auto", "avg", "ema", "model"),
+                               doc="which weights of an advgkl checkpoint (auto: as advgkl eval)")
+    teacher_sha256: str = opt("", doc="written by advgkl train: the teacher file's sha256; a run "
+                              "(or resume) refuses a file with another")
+    model_dir: str = opt("models", doc="RobustBench's weights folder for robustbench: teachers")
 
 
 @dataclass
@@ -107,7 +129,9 @@ class TrainConfig:
     lr_schedule: str = opt("cosine",
                            choices=("cosine", "cosine_shifted", "piecewise", "cosinew"))
     lr_warmup_epochs: int = opt(0, ge=0)
-    lr_milestones: list[int] = opt([100, 150], doc="epochs where piecewise divides lr by 10")
+    lr_first_epochs: list[float] = opt([], doc="the lr of each first epoch, replacing the "
+                                       "schedule's value there (LBGAT's script: [0.02])")
+    lr_milestones: list[int] = opt([100, 150], doc="epochs from which piecewise divides lr by 10")
     momentum: float = opt(0.9, ge=0, lt=1)
     nesterov: bool = opt(False)
     weight_decay: float = opt(5e-4, ge=0)
@@ -156,7 +180,7 @@ LOGGERS = ("tensorboard", "wandb")
 
 @dataclass
 class RunConfig:
-    name: str = opt("", doc="run folder name; empty: the config file's name")
+    name: str = opt("", doc="run folder name (a plain name); empty: the config file's name")
     out_dir: str = opt("checkpoints")
     loggers: list[str] = opt([], doc="experiment trackers besides metrics.csv: tensorboard "
                              "(RUN/tensorboard/), wandb (honours WANDB_MODE=offline)")
@@ -171,80 +195,67 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     awp: AwpConfig = field(default_factory=AwpConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def parse_number(key: str, value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        match = _NUMBER_OR_FRACTION.fullmatch(value)
-        if match:
-            num, den = match.groups()
-            if den is None:
-                return float(num)
-            if float(den) == 0:
-                raise ConfigError(f"{key}: {value!r} divides by zero")
-            return float(num) / float(den)
-    raise ConfigError(f"{key}: expected a number such as 0.5 or 8/255, got {value!r}")
+def _sections() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Config))
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against the type `hint`, converting only where it is lossless."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (inner,) = typing.get_args(hint)
-        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        return parse_number(key, value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} for {key}")
+def _flatten(tree: Any, source: str) -> Iterable[tuple[str, Any]]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
+    for name, body in tree.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys, got {body!r}")
+        for key, value in body.items():
+            if name == "loss" and key in METHOD_NAMES and isinstance(value, dict):
+                for sub, sub_value in value.items():
+                    yield f"loss.{key}.{sub}", sub_value
+            else:
+                yield f"{name}.{key}", value
 
 
-def _check_field(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    bounds = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
-              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
-    for name, sign, ok in bounds:
-        bound = meta.get(name)
-        if bound is not None and not ok(value, bound):
-            raise ConfigError(f"{key}: {value!r} must be {sign} {bound}")
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` -> (key, value); the value is read as YAML (`true`, `[1, 2]`, `8/255`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key.strip(), value
 
 
-def linf_size_problem(value: float) -> str | None:
-    """What is wrong with a Linf perturbation size on [0,1] images, if anything."""
-    if value > 1:
-        return (f"{value:g} is larger than 1, but Linf sizes are on [0,1] images; "
-                f"did you mean {value:g}/255?")
-    return None
+def _target(cfg: Config, key: str) -> tuple[Any, str]:
+    """(the object holding `key`, the field name), or a ConfigError naming the valid keys."""
+    parts = key.split(".")
+    if len(parts) < 2 or parts[0] not in _sections():
+        raise ConfigError(f"{key}: unknown key; keys are section.name with section one of "
+                          f"{', '.join(_sections())}")
+    obj = getattr(cfg, parts[0])
+    if parts[0] == "loss" and len(parts) == 3 and parts[1] in METHOD_NAMES:
+        obj = getattr(obj, parts[1])
+        if parts[2] not in settings_fields(parts[1]):
+            raise ConfigError(f"{key}: method {parts[1]} has no {parts[2]!r}; loss.{parts[1]} has "
+                              f"{', '.join(settings_fields(parts[1])) or 'no settings'}")
+        return obj, parts[2]
+    names = [f.name for f in dataclasses.fields(obj)]
+    if len(parts) != 2 or parts[1] not in names:
+        raise ConfigError(f"{key}: unknown key; {parts[0]} has {', '.join(names)}")
+    return obj, parts[1]
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    obj, name = _target(cfg, key)
+    if dataclasses.is_dataclass(getattr(obj, name)):
+        raise ConfigError(f"{key}: a section; set its keys ({key}.<key>)")
+    set_field(obj, key, name, value)
 
 
 def _check_section(prefix: str, section: Any) -> None:
@@ -260,75 +271,60 @@ def _check_section(prefix: str, section: Any) -> None:
         if unknown or len(set(section.loggers)) != len(section.loggers):
             raise ConfigError(f"run.loggers: {section.loggers} must name distinct loggers among "
                               f"{', '.join(LOGGERS)}")
-    if isinstance(section, TrainConfig) and section.lr_schedule == "piecewise":
+        if section.name:
+            check_plain_name(section.name, "run.name")
+    if isinstance(section, TrainConfig):
+        if any(lr <= 0 for lr in section.lr_first_epochs):
+            raise ConfigError(f"train.lr_first_epochs: {section.lr_first_epochs} must be > 0")
         ms = section.lr_milestones
-        if ms != sorted(ms) or any(not 0 < m < section.epochs for m in ms):
+        if section.lr_schedule == "piecewise" and (
+                ms != sorted(ms) or any(not 0 < m <= section.epochs for m in ms)):
             raise ConfigError(f"train.lr_milestones: {ms} must be increasing epochs "
-                              f"between 1 and train.epochs - 1 ({section.epochs - 1})")
-
-
-def _section_fields(section_cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(section_cls)}
-
-
-def _apply(cfg: Config, key: str, value: Any) -> None:
-    """Set the dotted `key` (section.field) of `cfg`, type-checked."""
-    sections = _section_fields(Config)
-    parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in sections:
-        raise ConfigError(f"{key}: unknown key; keys are section.name with section one of "
-                          f"{', '.join(sections)}")
-    section = getattr(cfg, parts[0])
-    fields_ = _section_fields(type(section))
-    if parts[1] not in fields_:
-        raise ConfigError(f"{key}: unknown key; {parts[0]} has {', '.join(fields_)}")
-    hints = typing.get_type_hints(type(section))
-    f = fields_[parts[1]]
-    coerced = _coerce(key, value, hints[f.name])
-    _check_field(key, coerced, f.metadata)
-    setattr(section, f.name, coerced)
-
-
-def _flatten(tree: Any, source: str) -> Iterable[tuple[str, Any]]:
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
-    for name, body in tree.items():
-        if not isinstance(body, dict):
-            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys, got {body!r}")
-        for key, value in body.items():
-            yield f"{name}.{key}", value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`section.key=value` -> (key, value); the value is read as YAML (`true`, `[1, 2]`, `8/255`)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
-    return key.strip(), value
-
-
-def _check_combinations(cfg: Config) -> None:
-    """Rules across sections."""
-    if cfg.loss.method == "lbgat" and (cfg.awp.gamma > 0 or cfg.data.two_view):
-        raise ConfigError("loss.method: lbgat runs without AWP and with one view; set awp.gamma=0 "
-                          "and data.two_view=false")
+                              f"between 1 and train.epochs ({section.epochs})")
 
 
 def build_config(tree: dict | None = None, overrides: Iterable[str] = (),
-                 source: str = "config") -> Config:
-    """Defaults, then the nested mapping `tree`, then `key=value` overrides; validated."""
-    cfg = Config()
-    for key, value in _flatten(tree or {}, source):
+                 source: str = "config", *, saved: bool = False,
+                 notes: list[str] | None = None) -> Config:
+    """Defaults, then the nested mapping `tree`, then `key=value` overrides; validated.
+
+    The file's method-bound values (its flat `loss.<key>` values, its attack objective, start and
+    gkl weights) belong to the file's method: when the overrides choose another method, they are
+    left out (a line in `notes` says which) and the new method's published values apply.
+    `saved=True` reads a run folder's config.yaml, where an earlier version wrote every key."""
+    items = list(_flatten(tree or {}, source))
+    over = [parse_override(text) for text in overrides]
+    file_method = last_method(items, LossConfig.method)
+    method = last_method(over, file_method)
+    cfg, explicit, left_out = Config(), set(), []
+    if saved and file_method == "mart" and not any(k.startswith("loss.mart.") for k, _ in items):
+        cfg.loss.mart.form = "exact"    # what runs before the authors' form trained with
+    for key, value in items:
+        key = bind(key, file_method)
+        if method != file_method and method_bound(key, file_method):
+            left_out.append(key)
+            continue
+        try:
+            _apply(cfg, key, value)
+        except ConfigError:
+            if saved and key.startswith(f"loss.{file_method}."):
+                continue                # an earlier version's key the method does not have
+            raise
+        explicit.add(key)
+    for key, value in over:
+        key = bind(key, method)
+        parts = key.split(".")
+        if parts[0] == "loss" and len(parts) == 3 and parts[1] != method:
+            raise ConfigError(f"{key}: the run trains loss.method={method}; set loss.method="
+                              f"{parts[1]} too, or set loss.{method}.{parts[2]}")
         _apply(cfg, key, value)
-    for text in overrides:
-        _apply(cfg, *parse_override(text))
+        explicit.add(key)
+    if left_out and notes is not None:
+        notes.append(f"loss.method={method} replaces {source}'s {file_method}: its "
+                     f"{', '.join(left_out)} stay with {file_method}; {method}'s own values apply")
     for f in dataclasses.fields(cfg):
         _check_section(f.name, getattr(cfg, f.name))
-    _check_combinations(cfg)
+    resolve_method(cfg, explicit, saved)
     return cfg
 
 
@@ -345,24 +341,39 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+def load_config(path: str | Path, overrides: Iterable[str] = (), *, saved: bool = False,
+                notes: list[str] | None = None) -> Config:
     """Read a YAML config file and apply overrides (an empty file gives the defaults)."""
-    return build_config(read_yaml(path), overrides, source=str(path))
+    return build_config(read_yaml(path), overrides, source=str(path), saved=saved, notes=notes)
 
 
-def _plain(value: Any, meta: typing.Mapping[str, Any]) -> Any:
+def _plain(value: Any, meta: Any) -> Any:
     if meta.get("eps") and value and round(value * 255) / 255 == value:
         return f"{round(value * 255)}/255"
     return value
 
 
+def _values(obj: Any, skip: Iterable[str] = ()) -> dict[str, Any]:
+    return {f.name: _plain(getattr(obj, f.name), f.metadata) for f in dataclasses.fields(obj)
+            if f.name not in skip}
+
+
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Plain nested data (eps written as k/255); `build_config` of it gives `cfg` back."""
-    return {
-        s.name: {f.name: _plain(getattr(getattr(cfg, s.name), f.name), f.metadata)
-                 for f in dataclasses.fields(getattr(cfg, s.name))}
-        for s in dataclasses.fields(cfg)
-    }
+    """Plain nested data (eps written as k/255) holding only what the run uses: the chosen
+    method's section, the attack's gkl weights with that objective, the teacher with a
+    distillation method. `build_config` of it gives `cfg` back."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if section.name == "loss":
+            settings = obj.settings
+            out["loss"] = {"method": obj.method,
+                           obj.method: _values(settings, settings.unused())}
+        elif section.name == "attack":
+            out["attack"] = _values(obj, () if obj.objective == "gkl" else GKL_ATTACK_WEIGHTS)
+        elif section.name != "distill" or METHODS[cfg.loss.method].teacher:
+            out[section.name] = _values(obj)
+    return out
 
 
 def dump_config(cfg: Config) -> str:

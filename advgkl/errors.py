@@ -12,3 +12,12 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An invalid configuration value, key or file; the message names the key."""
+
+
+def check_plain_name(name: str, what: str) -> None:
+    """A name that becomes a file or folder name must stay in its folder: no path separator,
+    not `.` or `..`, no control characters."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\") or \
+            any(ord(c) < 32 for c in name):
+        raise ConfigError(f"{what}: {name!r} must be a plain name (no / or \\, not . or ..), "
+                          "since it names a file or folder")

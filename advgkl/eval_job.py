@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from advgkl.checkpoint import default_weights, load_checkpoint, model_from_checkpoint
 from advgkl.data import NUM_CLASSES, load_split, to_unit_float
-from advgkl.errors import UserError
+from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import (APGD_ONLY, EvalResult, check_eps, evaluate_autoattack, evaluate_pgd,
                              merge_results, resolve_attacks)
 from advgkl.eval_speed import probe_batch_size, speed_up
@@ -70,6 +70,7 @@ class Subject:
     config: dict
     selection: dict | None
     name: str                           # the default record name
+    training: dict | None = None        # how the checkpoint was trained: method, teacher
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -132,6 +133,8 @@ def _quick_pgd(quick: str) -> tuple[str, int]:
 def check_job(job: EvalJob) -> None:
     """Every option of `job` that can be checked without the checkpoint or the data."""
     check_eps(job.eps, job.norm)
+    if job.model_name is not None:
+        check_plain_name(job.model_name, "--model-name")
     if (job.checkpoint is None) == (job.robustbench is None):
         raise UserError("give a CHECKPOINT or --robustbench NAME (one of them)")
     if job.n_examples < 1 or (job.batch_size is not None and job.batch_size < 1):
@@ -184,7 +187,8 @@ def write_records(result: EvalResult, base: dict, paths: dict[str, Path],
         result, dataset=base["dataset"], arch=base["architecture"], checkpoint=base["checkpoint"],
         checkpoint_sha256=base["checkpoint_sha256"], weights=base["weights"],
         config=base["config"]),
-        **{key: base.get(key) for key in ("selection", "speed", "flags_vs_reference")}}
+        **{key: base.get(key) for key in ("selection", "training", "speed",
+                                          "flags_vs_reference")}}
     write_new(paths["detailed"], json.dumps(detailed, indent=2) + "\n")
     if "info" in paths:
         warning = _selection_footnote(detailed["selection"])
@@ -228,7 +232,24 @@ def _subject(job: EvalJob) -> Subject:
     model = model_from_checkpoint(ckpt, what=job.checkpoint, weights=weights)
     return Subject(model, dataset, ckpt["arch"], job.checkpoint, sha256_file(job.checkpoint),
                    weights, config, selection_of(ckpt, job.checkpoint),
-                   Path(job.checkpoint).resolve().parent.name)
+                   Path(job.checkpoint).resolve().parent.name, training_of(ckpt))
+
+
+def training_of(ckpt: dict) -> dict | None:
+    """The method a checkpoint was trained with (one line) and its teacher's identity, when its
+    config says (checkpoints from before methods had sections: their method name only)."""
+    from advgkl.config import build_config
+    from advgkl.methods import describe
+
+    config = ckpt.get("config")
+    if not config:
+        return None
+    try:
+        cfg = build_config(config, saved=True)
+        method = describe(cfg.loss.method, cfg.loss.settings)
+    except UserError:
+        method = str((config.get("loss") or {}).get("method"))
+    return {"method": method, "teacher": ckpt.get("teacher")}
 
 
 def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
@@ -277,7 +298,7 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     detailed = {"kind": kind, **detailed_record(
         result, dataset=dataset, arch=subject.arch, checkpoint=subject.checkpoint,
         checkpoint_sha256=subject.sha256, weights=subject.weights, config=subject.config),
-        "selection": subject.selection, "speed": speed,
+        "selection": subject.selection, "training": subject.training, "speed": speed,
         "flags_vs_reference": (compare_flags(result, job.compare_with) if job.compare_with
                                else None)}
     if shard is None:

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from advgkl import __version__
-from advgkl.errors import UserError
+from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import EvalResult
 from advgkl.models import WRN_PATTERN
 
@@ -123,6 +123,7 @@ def export_submission(checkpoint: str | os.PathLike, eval_json: str | os.PathLik
     from advgkl.models.robustbench import export_for_robustbench, robustbench_constructor
 
     eval_json = Path(eval_json)
+    check_plain_name(eval_json.stem, "--eval: the record's name, which the bundle's files take,")
     detailed_path = eval_json.with_name(eval_json.stem + ".detailed.json")
     if not eval_json.is_file() or not detailed_path.is_file():
         raise UserError(f"{eval_json}: needs the model_info JSON and its {detailed_path.name} "

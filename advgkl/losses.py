@@ -1,18 +1,16 @@
-"""Training objectives: GKL / IKL (decoupled KL), TRADES' KL, PGD-AT's cross-entropy, MART and
-LBGAT.
+"""The losses as pure functions: GKL / IKL (decoupled KL), TRADES' KL, PGD-AT's cross-entropy, MART,
+LBGAT, and the distillation divergences of ARD, RSLAD and AdaAD (GKL-KD is `gkl_loss` with the
+teacher's logits in the clean slot). `advgkl.objectives` assembles them per method.
 
 All losses compute in at least float32 (bf16 logits are upcast) and in O(B·C) memory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-METHODS = ("pgd_at", "trades", "ikl", "gkl", "mart", "lbgat")
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -127,23 +125,42 @@ def cross_entropy(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Te
     return F.cross_entropy(_upcast(logits), y, label_smoothing=label_smoothing)
 
 
+MART_FORMS = ("authors", "exact")
+
+
 def mart_loss(logits_adv: Tensor, logits_nat: Tensor, y: Tensor, *, beta: float = 6.0,
-              label_smoothing: float = 0.0) -> Tensor:
+              label_smoothing: float = 0.0, form: str = "authors") -> Tensor:
     """(B, C), (B, C), (B,) -> scalar: MART (Wang et al., ICLR 2020), batch mean of
     BCE(p_adv, y) + beta * KL(p_nat || p_adv) * (1 - p_nat[y]), where the boosted CE is
-    -log p_adv[y] - log(1 - max_{k != y} p_adv[k]); no gradient is stopped. log(1 - p_k) is
-    computed as logsumexp over the classes other than k minus logsumexp over all, so it stays
-    finite when p_k is near 1. `label_smoothing` applies to the -log p_adv[y] part."""
+    -log p_adv[y] - log(1 - p_adv[k]) for k the most likely class other than y; no gradient is
+    stopped. form "authors" computes their code's expression: log(1.0001 - p_adv[k] + 1e-12),
+    log(p_adv + 1e-12) inside the KL, weight 1.0000001 - p_nat[y], k from argsort of p_adv.
+    form "exact" computes log(1 - p_k) as logsumexp over the classes other than k minus
+    logsumexp over all (finite when p_k is near 1), the KL from log-softmax, weight 1 - p_nat[y].
+    `label_smoothing` applies to the -log p_adv[y] part."""
     _check_logits(logits_adv, logits_nat)
+    if form not in MART_FORMS:
+        raise ValueError(f"form: {form!r} is not one of {', '.join(MART_FORMS)}")
     adv, nat = _upcast(logits_adv), _upcast(logits_nat)
-    runner_up = adv.detach().scatter(1, y[:, None], float("-inf")).argmax(1)
-    without_runner_up = adv.scatter(1, runner_up[:, None], float("-inf"))
-    log_not_runner_up = torch.logsumexp(without_runner_up, 1) - torch.logsumexp(adv, 1)
-    boosted_ce = cross_entropy(adv, y, label_smoothing) - log_not_runner_up.mean()
-    log_p_nat = F.log_softmax(nat, dim=1)
-    kl = (log_p_nat.exp() * (log_p_nat - F.log_softmax(adv, dim=1))).sum(1)
-    weight = 1 - log_p_nat.gather(1, y[:, None]).squeeze(1).exp()
-    return boosted_ce + beta * (kl * weight).mean()
+    if form == "exact":
+        runner_up = adv.detach().scatter(1, y[:, None], float("-inf")).argmax(1)
+        without_runner_up = adv.scatter(1, runner_up[:, None], float("-inf"))
+        log_not_runner_up = torch.logsumexp(without_runner_up, 1) - torch.logsumexp(adv, 1)
+        log_p_nat = F.log_softmax(nat, dim=1)
+        kl = (log_p_nat.exp() * (log_p_nat - F.log_softmax(adv, dim=1))).sum(1)
+        weight = 1 - log_p_nat.gather(1, y[:, None]).squeeze(1).exp()
+        ce = cross_entropy(adv, y, label_smoothing)
+        return ce - log_not_runner_up.mean() + beta * (kl * weight).mean()
+    # Their operations in their order: float32 gradients then match theirs bit for bit.
+    p_adv = F.softmax(adv, dim=1)
+    top2 = torch.argsort(p_adv, dim=1)[:, -2:]
+    runner_up = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    boosted = cross_entropy(adv, y, label_smoothing) + F.nll_loss(
+        torch.log(1.0001 - p_adv + 1e-12), runner_up)
+    p_nat = F.softmax(nat, dim=1)
+    weight = 1.0000001 - p_nat.gather(1, y[:, None]).squeeze(1)
+    kl = F.kl_div(torch.log(p_adv + 1e-12), p_nat, reduction="none").sum(1)
+    return boosted + float(beta) * ((1.0 / len(y)) * (kl * weight).sum())
 
 
 def lbgat_guidance(logits_adv: Tensor, logits_nat: Tensor, logits_guide: Tensor, *,
@@ -157,74 +174,30 @@ def lbgat_guidance(logits_adv: Tensor, logits_nat: Tensor, logits_guide: Tensor,
     return mse + beta * trades_kl(logits_adv, logits_nat)
 
 
-@dataclass(frozen=True)
-class Objective:
-    """The training objective of `method`; call it to get {"loss", "ce", "robust"}.
-
-    pgd_at: loss = CE(adv); mart: loss = MART's (both with ce = clean CE, logged only);
-    trades: CE(nat) + beta * KL; ikl / gkl: CE(nat) + the robust term; lbgat: CE of the natural
-    model's clean logits (`logits_guide`) + its guidance terms. `label_smoothing` applies to the
-    cross-entropy against the labels that each method trains on. The trainer backpropagates
-    "loss" and logs the rest.
-    """
-
-    method: str = "gkl"
-    alpha: float = 4.0
-    beta: float = 20.0
-    gamma: float = 1.0
-    temperature: float = 1.0
-    label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
-
-    @property
-    def needs_prior(self) -> bool:
-        return self.method in ("ikl", "gkl")
-
-    @property
-    def needs_guide(self) -> bool:
-        """LBGAT: the objective takes a second (natural) model's clean logits."""
-        return self.method == "lbgat"
-
-    def robust_term(self, logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
-                    prior_rows: Tensor | None, logits_guide: Tensor | None = None) -> Tensor:
-        if self.method == "pgd_at":
-            return cross_entropy(logits_adv, y, self.label_smoothing)
-        if self.method == "mart":
-            return mart_loss(logits_adv, logits_nat, y, beta=self.beta,
-                             label_smoothing=self.label_smoothing)
-        if self.method == "lbgat":
-            if logits_guide is None:
-                raise ValueError("logits_guide: method lbgat needs the natural model's logits")
-            return lbgat_guidance(logits_adv, logits_nat, logits_guide, beta=self.beta)
-        if self.method == "trades":
-            return self.beta * trades_kl(logits_adv, logits_nat)
-        if self.method == "ikl":
-            return ikl_loss(logits_adv, logits_nat, prior_rows, alpha=self.alpha, beta=self.beta)
-        return gkl_loss(logits_adv, logits_nat, prior_rows, alpha=self.alpha, beta=self.beta,
-                        gamma=self.gamma, temperature=self.temperature)
-
-    def __call__(self, logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
-                 prior_rows: Tensor | None = None,
-                 logits_guide: Tensor | None = None) -> dict[str, Tensor]:
-        _check_logits(logits_adv, logits_nat)
-        robust = self.robust_term(logits_nat, logits_adv, y, prior_rows, logits_guide)
-        if self.method in ("pgd_at", "mart"):
-            ce = cross_entropy(logits_nat.detach(), y)
-            return {"loss": robust, "ce": ce, "robust": robust}
-        clean = logits_guide if self.method == "lbgat" else logits_nat
-        ce = cross_entropy(clean, y, self.label_smoothing)
-        return {"loss": ce + robust, "ce": ce, "robust": robust}
+def kl_divergence(student: Tensor, teacher: Tensor, *, temperature: float = 1.0,
+                  reduction: str = "elements") -> Tensor:
+    """(B, C), (B, C) -> scalar: KL(softmax(teacher / T) || softmax(student / T)) as PyTorch's
+    KLDivLoss computes it from log_softmax(student / T) (ARD's and AdaAD's form), summed over the
+    classes and samples, then divided by B * C ("elements", KLDivLoss's default 'mean') or
+    multiplied by 1 / B ("batch", AdaAD's CIFAR-100 form); the teacher is a constant."""
+    _check_logits(student, teacher)
+    log_q = F.log_softmax(_upcast(student) / temperature, dim=1)
+    p = F.softmax(_upcast(teacher.detach()) / temperature, dim=1)
+    if reduction == "batch":
+        return (1 / len(student)) * F.kl_div(log_q, p, reduction="sum")
+    return F.kl_div(log_q, p, reduction="none").mean()  # 'mean' itself, without its warning
 
 
-def build_objective(method: str, *, alpha: float = 4.0, beta: float = 20.0, gamma: float = 1.0,
-                    temperature: float = 1.0, label_smoothing: float = 0.0) -> Objective:
-    """The objective callable `(logits_nat, logits_adv, y, prior_rows, logits_guide=None) ->
-    dict(loss, ce, robust)`."""
-    return Objective(method=method, alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
-                     label_smoothing=label_smoothing)
+def rslad_kl(student: Tensor, teacher: Tensor, *, cifar100: bool = False) -> Tensor:
+    """(B, C), (B, C) -> scalar: RSLAD's KL term as its code writes it, the mean over all B * C
+    entries of p (log(p + 1e-5) - log q), p = softmax(teacher) a constant, log q the student's
+    log_softmax; its CIFAR-100 script takes log q = log(softmax(student)) and multiplies by 10."""
+    _check_logits(student, teacher)
+    s = _upcast(student)
+    p = F.softmax(_upcast(teacher.detach()), dim=1)
+    log_q = torch.log(F.softmax(s, dim=1)) if cifar100 else F.log_softmax(s, dim=1)
+    mean = torch.mean(-log_q * p + torch.log(p + 1e-5) * p)
+    return 10 * mean if cifar100 else mean
 
 
 def combine_views(basic: dict[str, Tensor], augmented: dict[str, Tensor],

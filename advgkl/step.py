@@ -1,9 +1,11 @@
-"""One adversarial training step, as the trainer (and `scripts/bench_step.py`) runs it.
+"""One adversarial training (or distillation) step, as the trainer and the benchmarks run it.
 
-attack (eval mode, clean logits cached) -> clean and adversarial forward (train mode) -> objective
-dict -> backward -> optimizer step (inside an AWP perturbation when active) -> class-prior update
-from the clean logits -> weight-EMA update. On CUDA the forward passes can run in bf16 autocast,
-channels_last and compiled.
+the teacher's clean logits (distillation; once per batch) -> attack (the method's objective, start
+and model mode; clean logits cached) -> clean and adversarial forward (train mode, in the method's
+order; one forward at attack.eps 0) -> objective dict -> backward -> optimizer step (inside an AWP
+perturbation when active) -> class-prior update (from the model's or the teacher's clean logits)
+-> weight-EMA update. On CUDA the forward passes can run in bf16 autocast, channels_last and
+compiled.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from advgkl.awp import AWP
 from advgkl.config import Config
 from advgkl.data import random_crop_flip, to_unit_float
 from advgkl.ema import EpochAverage, WeightEMA
-from advgkl.losses import Objective, build_objective, combine_views
+from advgkl.methods import METHODS, teacher_on_clean
+from advgkl.objectives import Logits, build_objective, two_view_terms
 from advgkl.priors import ClassPrior
 
 STATS = ("loss", "ce", "robust", "correct")
@@ -61,27 +64,19 @@ def _ddp(module: nn.Module, device: torch.device, world: int) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
-def _step_objective(objective: Objective, logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
-                    rows: Tensor | None, two_view: bool, aug_weight: float,
-                    guide: Tensor | None) -> dict[str, Tensor]:
-    if not two_view:
-        return objective(logits_nat, logits_adv, y, rows, guide)
-    b = len(y) // 2
-    halves = [objective(logits_nat[s], logits_adv[s], y[s], None if rows is None else rows[s])
-              for s in (slice(0, b), slice(b, None))]
-    return combine_views(*halves, aug_weight)
-
-
 class TrainStep:
     """The model (on `device`, in the configured memory format), its compiled / DDP views, and
     everything training updates: optimizer, class prior, AWP, EMA (per step), the epoch average
     (per epoch, by the trainer; None when off) and LBGAT's natural model (`natural`, trained in
-    train mode by the same optimizer; None for the other methods)."""
+    train mode by the same optimizer; None for the other methods). A distillation method's frozen
+    `teacher` runs beside the student (same device, memory format and autocast; never in the
+    optimizer, the EMA or the epoch average; unwrapped under DDP)."""
 
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, device: torch.device, *,
                  world: int = 1, note: Callable[[str], None] = print,
-                 natural: nn.Module | None = None) -> None:
+                 natural: nn.Module | None = None, teacher: nn.Module | None = None) -> None:
         self.cfg, self.device = cfg, device
+        self.method = METHODS[cfg.loss.method]
         kernels = kernel_options(cfg, device, note)
         self.memory_format = (torch.channels_last if kernels["channels_last"]
                               else torch.contiguous_format)
@@ -97,29 +92,59 @@ class TrainStep:
         self.train_amp = torch.autocast(device.type, torch.bfloat16, enabled=kernels["precision"])
         self.attack_amp = torch.autocast(device.type, torch.bfloat16,
                                          enabled=kernels["attack_precision"])
-        self.natural = self.natural_train = None
-        if cfg.loss.method == "lbgat":
+        self.natural = self.natural_train = self.teacher = None
+        if self.method.natural_model:
             if natural is None:
                 raise ValueError("natural: lbgat trains a natural model beside the robust one")
             self.natural = natural.to(device, memory_format=self.memory_format).train()
             self.natural_train = _ddp(self.natural, device, world)
+        if self.method.teacher:
+            if teacher is None:
+                raise ValueError(f"teacher: method {cfg.loss.method} distils a teacher")
+            self.teacher = teacher.to(device, memory_format=self.memory_format)
         self.optimizer = build_optimizer(self.model, cfg,
                                          *([self.natural] if self.natural is not None else []))
-        self.prior = ClassPrior(num_classes, temperature=cfg.loss.prior_temperature,
-                                momentum=cfg.loss.prior_momentum, mode=cfg.loss.prior_update,
-                                device=device)
-        self.objective = build_objective(cfg.loss.method, alpha=cfg.loss.alpha, beta=cfg.loss.beta,
-                                         gamma=cfg.loss.gamma, temperature=cfg.loss.temperature,
-                                         label_smoothing=cfg.loss.label_smoothing)
-        self.awp = (AWP(self.model, gamma=cfg.awp.gamma, warmup_epochs=cfg.awp.warmup_epochs)
-                    if cfg.awp.gamma > 0 else None)  # its proxy is a full copy of the model
+        self.objective = build_objective(cfg.loss.method, cfg.loss.settings,
+                                         dataset=cfg.data.dataset)
+        prior = self.objective.prior or (cfg.loss.settings.prior() if cfg.attack.objective == "gkl"
+                                         else None)
+        # The class prior weighs GKL/IKL's loss and "gkl" attack (fed by the model's clean
+        # softmax) or a distillation divergence (fed by the teacher's).
+        self.prior_source = prior["source"] if prior else None
+        prior = prior or {"temperature": 1.0, "momentum": 1.0, "mode": "epoch"}
+        self.prior = ClassPrior(num_classes, temperature=prior["temperature"],
+                                momentum=prior["momentum"], mode=prior["mode"], device=device)
+        self.awp = (AWP(self.model, gamma=cfg.awp.gamma, warmup_epochs=cfg.awp.warmup_epochs,
+                        lr=cfg.train.lr) if cfg.awp.gamma > 0 else None)  # the proxy: a full copy
         self.ema = WeightEMA(self.model, tau=cfg.train.ema_tau,
                              start_epoch=cfg.train.ema_start_epoch, warmup=cfg.train.ema_warmup)
         self.epoch_avg = (EpochAverage(self.model, tau=cfg.train.epoch_avg_tau,
                                        start=cfg.train.epoch_avg_start)
                           if cfg.train.epoch_avg_tau > 0 else None)
-        # The class prior weighs the GKL/IKL loss and the "gkl" attack objective.
-        self.uses_prior = self.objective.needs_prior or cfg.attack.objective == "gkl"
+        self.teacher_on_clean = teacher_on_clean(cfg.loss.method, cfg.loss.settings)
+
+    def _teacher_logits(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def _attack(self, attack: PGDAttack, x: Tensor, y: Tensor, rows: Tensor | None,
+                teacher_nat: Tensor | None) -> Tensor:
+        with self.attack_amp:
+            return attack(self.net, x, y, prior_rows=rows if attack.needs_prior else None,
+                          logits_nat=teacher_nat if attack.objective == "teacher_kl" else None,
+                          teacher=self.teacher if attack.objective == "adaad" else None)
+
+    def _forwards(self, x: Tensor, x_adv: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(clean logits, adversarial logits) in the method's order; one forward without an
+        attack (attack.eps 0)."""
+        if x_adv is None:
+            logits_nat = self.train_net(x)
+            return logits_nat, logits_nat
+        if self.method.clean_first:
+            logits_nat = self.train_net(x)
+            return logits_nat, self.train_net(x_adv)
+        logits_adv = self.train_net(x_adv)
+        return self.train_net(x), logits_adv
 
     def __call__(self, x: Tensor, y: Tensor, *, attack: PGDAttack, epoch: int,
                  lr: float) -> dict[str, float]:
@@ -137,17 +162,22 @@ class TrainStep:
         y = y.to(device, non_blocking=True)
         n_basic = len(y) // 2 if data.two_view else len(y)
 
-        rows = self.prior.rows(y) if self.uses_prior else None
-        with self.attack_amp:
-            x_adv = attack(self.net, x, y, prior_rows=rows if attack.needs_prior else None)
+        rows = self.prior.rows(y) if self.prior_source else None
+        with self.train_amp:
+            teacher_nat = self._teacher_logits(x) if self.teacher_on_clean else None
+        x_adv = self._attack(attack, x, y, rows, teacher_nat) if attack.eps > 0 else None
         awp_on = self.awp is not None and self.awp.active(epoch)
         with self.train_amp:
-            diff = (self.awp.perturb(self.objective, x, x_adv, y, rows, lr=lr) if awp_on
-                    else None)
-            logits_adv, logits_nat = self.train_net(x_adv), self.train_net(x)
-            guide = self.natural_train(x) if self.natural is not None else None
-            out = _step_objective(self.objective, logits_nat, logits_adv, y, rows, data.two_view,
-                                  data.aug_weight, guide)
+            diff = (self.awp.perturb(self.objective, x, x if x_adv is None else x_adv, y, rows)
+                    if awp_on else None)
+            logits_nat, logits_adv = self._forwards(x, x_adv)
+            logits = Logits(
+                logits_nat, logits_adv, y, rows, epoch=epoch, teacher_nat=teacher_nat,
+                guide=self.natural_train(x) if self.natural is not None else None,
+                teacher_adv=(self._teacher_logits(x if x_adv is None else x_adv)
+                             if self.method.attack == "adaad" else None))
+            out = (two_view_terms(self.objective, logits, data.aug_weight) if data.two_view
+                   else self.objective(logits))
         # One device sync per step for the logs and the finiteness check.
         values = torch.stack([out["loss"].detach(), out["ce"].detach(), out["robust"].detach(),
                               (logits_nat.argmax(1) == y).sum().to(out["loss"].dtype)]).tolist()
@@ -159,7 +189,9 @@ class TrainStep:
         self.optimizer.step()
         if diff is not None:
             self.awp.restore(diff)
-        if self.uses_prior:
+        if self.prior_source == "student":
             self.prior.update(logits_nat[:n_basic], y[:n_basic])
+        elif self.prior_source == "teacher":
+            self.prior.update(teacher_nat, y)
         self.ema.update(self.model, epoch)
         return stats

@@ -12,6 +12,11 @@ A study file (YAML):
     eval: {n_examples: 360, eps: 32/255, batch_size: 360}   # standard AutoAttack; or quick: pgd-20
     rows:
       - {name: trades, overrides: [loss.method=trades, loss.beta=6]}
+    teacher:                          # optional: a run the rows distil, trained first
+      name: teacher                   # its row in the table (one run, seed `seed`, default 0)
+      overrides: [model.arch=wrn-10-1]   # on the base, after the study's overrides
+    # rows name its checkpoint (STUDY_DIR/runs/<teacher>-s<seed>/<checkpoint>) as {teacher}:
+    #   - {name: rslad, overrides: [loss.method=rslad, "distill.teacher={teacher}"]}
 
 Run (row, seed) trains into STUDY_DIR/runs/<row>-s<seed>/ and writes its records into
 STUDY_DIR/results/; its commands' output goes to STUDY_DIR/logs/<row>-s<seed>.log.
@@ -20,7 +25,6 @@ STUDY_DIR/results/; its commands' output goes to STUDY_DIR/logs/<row>-s<seed>.lo
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import queue
 import re
@@ -39,10 +43,16 @@ from advgkl.errors import UserError
 from advgkl.evaluate import check_eps
 from advgkl.runlog import read_metrics
 
-_KEYS = {"name", "base", "overrides", "seeds", "rows", "eval", "checkpoint"}
+_KEYS = {"name", "base", "overrides", "seeds", "rows", "eval", "checkpoint", "teacher"}
+_TEACHER_KEYS = {"name", "overrides", "seed"}
 _EVAL_KEYS = {"n_examples", "eps", "norm", "batch_size", "quick"}
 _CHECKPOINTS = ("best.pt", "last.pt", "avg.pt")
 _NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+def _plain(name: str) -> bool:
+    """A study or row name: it names folders and files, so it stays a plain name."""
+    return bool(_NAME.fullmatch(name)) and name not in (".", "..")
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ class Study:
     checkpoint: str
     eval: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
+    teacher: Run | None = None          # trained before the runs that distil it
 
     @property
     def kind(self) -> str:
@@ -137,8 +148,9 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
         raise UserError(f"{path}: unknown keys {sorted(set(tree) - _KEYS)}; a study has "
                         f"{', '.join(sorted(_KEYS))}")
     name = str(tree["name"])
-    if not _NAME.fullmatch(name):
-        raise UserError(f"{path}: name {name!r} may hold letters, digits and _ . + - only")
+    if not _plain(name):
+        raise UserError(f"{path}: name {name!r} may hold letters, digits and _ . + - only, and "
+                        "is not . or ..")
     base = _base_path(tree["base"], path)
     common = [str(o) for o in _list(tree.get("overrides", []), "overrides", object)]
     seeds = _list(tree["seeds"], "seeds", int)
@@ -148,14 +160,28 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
                         "a non-empty list of distinct integers")
     study = Study(path, name, Path(out) if out else Path("studies") / name, [], seeds,
                   checkpoint, _eval_spec(tree.get("eval", {}), str(path)))
-    for row in _list(tree["rows"], "rows", dict):
+    rows = _list(tree["rows"], "rows", dict)
+    if "teacher" in tree:
+        spec = tree["teacher"]
+        if not isinstance(spec, dict) or "name" not in spec or set(spec) - _TEACHER_KEYS:
+            raise UserError(f"{path}: teacher must be a mapping with a name, and optionally "
+                            "overrides and seed")
+        rows = [{"name": spec["name"], "overrides": spec.get("overrides", []),
+                 "seeds": [spec.get("seed", 0)]}, *rows]
+    for row in rows:
         row_name, overrides = row.get("name"), [str(o) for o in row.get("overrides", [])]
-        if not isinstance(row_name, str) or not _NAME.fullmatch(row_name) or \
-                row_name in study.rows or set(row) - {"name", "overrides"}:
-            raise UserError(f"{path}: each row needs a unique name (letters, digits, _ . + -) "
-                            f"and a list of overrides; got {row!r}")
+        if not isinstance(row_name, str) or not _plain(row_name) or \
+                row_name in study.rows or set(row) - {"name", "overrides", "seeds"}:
+            raise UserError(f"{path}: each row needs a unique plain name (letters, digits, "
+                            f"_ . + -; not . or ..) and a list of overrides; got {row!r}")
         study.rows.append(row_name)
-        for seed in seeds:
+        if "{teacher}" in " ".join(overrides):
+            if study.teacher is None:
+                raise UserError(f"{path}: row {row_name} names {{teacher}}, but the study has no "
+                                "teacher")
+            teacher = (study.run_dir(study.teacher) / checkpoint).resolve()
+            overrides = [o.replace("{teacher}", str(teacher)) for o in overrides]
+        for seed in row.get("seeds", seeds):
             args = [*common, *overrides, f"train.seed={seed}",
                     f"run.out_dir={study.dir / 'runs'}", f"run.name={row_name}-s{seed}"]
             try:
@@ -167,6 +193,8 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
                                 "evaluate last.pt or avg.pt")
             study.runs.append(Run(row_name, seed, ["train", str(base), *args],
                                   cfg.train.epochs, cfg.data.dataset))
+        if "seeds" in row:
+            study.teacher = study.runs[-1]
     return study
 
 
@@ -203,9 +231,11 @@ def _advgkl(args: list[str], log: Path, env: dict[str, str]) -> int:
                               ).returncode
 
 
-def execute(study: Study, run: Run, env: dict[str, str] | None = None) -> str:
+def execute(study: Study, run: Run, env: dict[str, str] | None = None,
+            train_only: bool = False) -> str:
     """Bring `run` to done: train (or resume) it, then evaluate it (continuing a stopped
-    evaluation from its state file). Returns "done" or why it failed."""
+    evaluation from its state file); `train_only` stops after training. Returns "done" or why
+    it failed."""
     env = env or dict(os.environ)
     log = study.dir / "logs" / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -215,19 +245,35 @@ def execute(study: Study, run: Run, env: dict[str, str] | None = None) -> str:
                                                        str(study.run_dir(run))]
         if _advgkl(args, log, env):
             return f"training failed (see {log})"
+    if train_only:
+        return "done"
     if state != "done" and _advgkl(study.eval_args(run), log, env):
         return f"evaluation failed (see {log})"
     return "done"
 
 
-def _status_file(study: Study) -> Path:
-    return study.dir / "failures.json"
+def _failure_file(study: Study, run: Run) -> Path:
+    """One file per failed run (`--run` tasks on a cluster write their own, never each other's)."""
+    return study.dir / "failures" / f"{run.name}.txt"
+
+
+def _record_outcome(study: Study, run: Run, outcome: str) -> None:
+    path = _failure_file(study, run)
+    if outcome == "done":
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(outcome + "\n")
+    os.replace(tmp, path)
 
 
 def failures(study: Study) -> dict[str, str]:
     """Runs whose last attempt failed, with the reason."""
-    path = _status_file(study)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    folder = study.dir / "failures"
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p.read_text().strip() for p in sorted(folder.glob("*.txt"))}
 
 
 def run_study(study: Study, jobs: int = 1, only: list[Run] | None = None) -> dict[str, str]:
@@ -237,11 +283,26 @@ def run_study(study: Study, jobs: int = 1, only: list[Run] | None = None) -> dic
 
     todo = [r for r in (only or study.runs) if run_state(study, r) != "done"]
     study.dir.mkdir(parents=True, exist_ok=True)
+    outcomes: dict[str, str] = {}
+    teacher = study.teacher
+    if teacher is not None and todo and run_state(study, teacher) in ("new", "started"):
+        pupils = [r for r in todo if r is not teacher]
+        if teacher in todo:  # its training first, with every core; its evaluation joins the rest
+            why = execute(study, teacher, train_only=True)
+            if why != "done":
+                outcomes[teacher.name] = why
+                _record_outcome(study, teacher, why)
+                for run in pupils:
+                    outcomes[run.name] = f"its teacher {teacher.name} failed"
+                    _record_outcome(study, run, outcomes[run.name])
+                return outcomes
+        elif pupils:
+            raise UserError(f"{pupils[0].name} distils {teacher.name}, which is not trained yet; "
+                            f"run it first (--run {teacher.name})")
     gpus = torch.cuda.device_count()
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(jobs):
         slots.put(slot)
-    outcomes: dict[str, str] = {}
 
     def one(run: Run) -> tuple[Run, str]:
         slot = slots.get()
@@ -258,12 +319,9 @@ def run_study(study: Study, jobs: int = 1, only: list[Run] | None = None) -> dic
         for future in as_completed([pool.submit(one, run) for run in todo]):
             run, outcome = future.result()
             outcomes[run.name] = outcome
-            known = failures(study)
-            known.pop(run.name, None)
+            _record_outcome(study, run, outcome)
             if outcome != "done":
-                known[run.name] = outcome
                 bar.write(f"{run.name}: {outcome}")
-            _status_file(study).write_text(json.dumps(known, indent=2) + "\n")
             bar.update(1)
     bar.close()
     return outcomes
@@ -291,6 +349,8 @@ def scheduler_commands(study: Study, study_arg: str) -> tuple[list[str], str]:
         "#SBATCH --gres=gpu:1",
         f"#SBATCH --output={study.dir}/logs/slurm-%a.out",
         "# Each task trains (or resumes) and evaluates one run; afterwards:",
+        *([f"# Task 0 trains the teacher the others distil: submit it first (--array=0), then "
+           f"the rest (--array=1-{len(study.runs) - 1})."] if study.teacher else []),
         f"#   advgkl study {study_arg}{out} --aggregate",
         f"advgkl study {study_arg}{out} --run $SLURM_ARRAY_TASK_ID", ""])
     return commands, script

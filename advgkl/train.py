@@ -1,10 +1,11 @@
 """Adversarial training: one plain loop (`train`), read top to bottom.
 
-Per step (`advgkl.step.TrainStep`): attack (eval mode, clean logits cached) -> clean and
+Per step (`advgkl.step.TrainStep`): attack (the method's own; clean logits cached) -> clean and
 adversarial forward (train mode) -> objective dict -> backward -> optimizer step (inside an AWP
-perturbation when active) -> class-prior update from the clean logits -> weight-EMA update. On
-CUDA the forward passes can run in bf16 autocast, channels_last and compiled; evaluation always
-runs in fp32.
+perturbation when active) -> class-prior update -> weight-EMA update; a distillation method's
+frozen teacher (`advgkl.teacher`) is loaded and checked before the run folder exists. On CUDA the
+forward passes can run in bf16 autocast, channels_last and compiled; evaluation always runs in
+fp32.
 Per epoch: the class prior's new rows, the epoch average (the authors' final step), clean and
 PGD accuracy on the check points (a validation split of the training set by default) and
 `best.pt` by it, `avg.pt`, `epoch-NNN.pt` when asked, `last.pt` (atomic, written last), a
@@ -19,7 +20,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -32,12 +33,15 @@ from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from advgkl.config import Config, config_to_dict, save_config
 from advgkl.data import (NUM_CLASSES, Split, carve_validation, load_split, to_unit_float,
                          train_dataset)
-from advgkl.errors import UserError
+from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import evaluate_pgd
 from advgkl.generated import MixedBatchSampler, open_generated
+from advgkl.methods import METHODS, describe
 from advgkl.models import create_model
 from advgkl.runlog import RunLog, check_trackers
+from advgkl.schedules import learning_rate
 from advgkl.step import TrainStep
+from advgkl.teacher import Teacher, load_teacher
 
 
 class TrainingError(UserError):
@@ -50,31 +54,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device: {name!r} asked for, but no CUDA GPU is available")
     return torch.device(name)
-
-
-def learning_rate(schedule: str, epoch: int, epochs: int, progress: float, *, lr: float,
-                  warmup: int, milestones: list[int]) -> float:
-    """LR in `epoch` (1-based) at fraction `progress` of it.
-
-    cosine (the paper's, set per epoch): lr * epoch / warmup during warm-up, then
-    lr * (1 + cos(pi * (epoch - warmup) / (epochs - warmup + 1))) / 2.
-    cosine_shifted (the paper authors' TRADES-AWP script, per epoch): after the warm-up,
-    lr * (1 + cos(pi * (epoch - 1) / epochs)) / 2, the full lr in epoch 1.
-    piecewise (TRADES/AWP): divided by 10 at each milestone epoch reached, after the warm-up.
-    cosinew (DM-AT, per step): linear warm-up, then cosine to 0 over the remaining steps.
-    """
-    if schedule == "cosinew":
-        t = epoch - 1 + progress
-        if t < warmup:
-            return lr * t / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (epochs - warmup)))
-    if epoch < warmup:
-        return lr * epoch / warmup
-    if schedule == "piecewise":
-        return lr * 0.1 ** sum(epoch >= m for m in milestones)
-    if schedule == "cosine_shifted":
-        return lr * 0.5 * (1 + math.cos((epoch - 1) / epochs * math.pi))
-    return lr * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup + 1)))
 
 
 def rng_state() -> dict[str, Any]:
@@ -101,7 +80,9 @@ def seed_everything(seed: int) -> None:
 
 
 def run_dir_for(cfg: Config, config_path: str | Path) -> Path:
-    return Path(cfg.run.out_dir) / (cfg.run.name or Path(config_path).stem)
+    name = cfg.run.name or Path(config_path).stem
+    check_plain_name(name, "run.name")
+    return Path(cfg.run.out_dir) / name
 
 
 def build_attack(cfg: Config, epoch: int) -> PGDAttack:
@@ -110,7 +91,8 @@ def build_attack(cfg: Config, epoch: int) -> PGDAttack:
     eps, step_size, steps = attack_schedule(a.schedule, epoch, cfg.train.epochs, eps=a.eps,
                                             step_size=a.step_size, steps=a.steps)
     return PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=a.norm, objective=a.objective,
-                     random_start=a.random_start, alpha=a.alpha, beta=a.beta, gamma=a.gamma)
+                     random_start=a.random_start, alpha=a.alpha, beta=a.beta, gamma=a.gamma,
+                     bn_train=METHODS[cfg.loss.method].attack_train_mode)
 
 
 def build_model(arch: str, num_classes: int, key: str = "model.arch") -> torch.nn.Module:
@@ -182,11 +164,13 @@ def epoch_loader(cfg: Config, dataset: Dataset, n_real: int, ranks: distributed.
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
-          device: torch.device | None = None, echo: bool = True) -> dict[str, float]:
+          device: torch.device | None = None, echo: bool = True,
+          notes: Iterable[str] = ()) -> dict[str, float]:
     """Train `cfg` into `run_dir` (created; refused if it exists) or resume it (from `last.pt`,
     or from epoch 1 when the run stopped before its first checkpoint); returns the last epoch's
     metrics. Everything is checked before the folder is created, and a run that fails before
-    its first checkpoint removes the folder it created."""
+    its first checkpoint removes the folder it created. `notes` (what building the config had to
+    say) go into train.log."""
     run_dir = Path(run_dir)
     last = run_dir / "last.pt"
     check_data_options(cfg)
@@ -206,10 +190,16 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     if legacy:  # a run from before validation splits trained on all images: keep what it did
         cfg.eval.check = "test"
     num_classes = NUM_CLASSES[cfg.data.dataset]
+    # Before seeding: the student's initialization and data order do not depend on the teacher.
+    teacher = (load_teacher(cfg.distill, dataset=cfg.data.dataset, num_classes=num_classes)
+               if METHODS[cfg.loss.method].teacher else None)
+    if teacher is not None:  # recorded in config.yaml: a resume needs this very file again
+        cfg.distill.teacher, cfg.distill.teacher_sha256 = (teacher.identity["source"],
+                                                           teacher.identity["sha256"] or "")
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model.arch, num_classes)
-    natural = (build_model(cfg.loss.natural_arch, num_classes, "loss.natural_arch")
-               if cfg.loss.method == "lbgat" else None)
+    natural = (build_model(cfg.loss.lbgat.natural_arch, num_classes, "loss.lbgat.natural_arch")
+               if METHODS[cfg.loss.method].natural_model else None)
     real, check, check_label = check_points(
         cfg, load_split(cfg.data.dataset, train=True, root=cfg.data.root,
                         download=cfg.data.download))
@@ -227,8 +217,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         log = RunLog(run_dir, echo=echo and ranks.main, write=ranks.main,
                      trackers=cfg.run.loggers, config=config_to_dict(cfg),
                      project=cfg.run.wandb_project)
+        for line in notes:
+            log.log(f"note: {line}")
         parts = TrainStep(cfg, model, num_classes, device, world=ranks.world, note=log.log,
-                          natural=natural)
+                          natural=natural, teacher=teacher and teacher.module)
         if resume and ckpt is None:
             log.log(f"no {last.name} yet (the run stopped before its first checkpoint): "
                     "starting at epoch 1 with its saved config")
@@ -236,7 +228,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             log.log(f"{last.name} predates validation splits: its per-epoch check stays on the "
                     "first eval.holdout_size test points, as before")
         return _run(cfg, run_dir, parts, dataset, len(real.labels), check, check_label, ckpt,
-                    ranks, log, echo)
+                    ranks, log, echo, teacher)
     except BaseException:
         if created and not last.exists():  # nothing worth keeping: let the same command rerun
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -265,7 +257,7 @@ def _restore(parts: TrainStep, ckpt: dict, log: RunLog) -> tuple[int, int, float
 
 def _run(cfg: Config, run_dir: Path, parts: TrainStep, dataset: Dataset, n_real: int,
          check: Split | None, check_label: str, ckpt: dict | None, ranks: distributed.DistInfo,
-         log: RunLog, echo: bool) -> dict[str, Any]:
+         log: RunLog, echo: bool, teacher: Teacher | None) -> dict[str, Any]:
     device = parts.device
     start_epoch, step, best = 1, 0, -1.0
     if ckpt is not None:
@@ -274,6 +266,11 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, dataset: Dataset, n_real:
     else:
         log.log(f"training {cfg.model.arch} on {cfg.data.dataset} with {cfg.loss.method} "
                 f"on {device} into {run_dir}")
+        log.log(f"method: {describe(cfg.loss.method, cfg.loss.settings)}; attack "
+                f"{cfg.attack.objective}, start {cfg.attack.random_start}")
+        if teacher is not None:
+            log.log(f"teacher: {teacher.identity['source']} ({teacher.identity['arch']}, sha256 "
+                    f"{teacher.identity['sha256']}), frozen, eval mode")
         if cfg.data.generated:
             log.log(f"{n_real} real + {len(dataset) - n_real} generated images from "
                     f"{cfg.data.generated}, {cfg.data.generated_fraction:.0%} generated per batch")
@@ -295,7 +292,8 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, dataset: Dataset, n_real:
         for i, (x, y) in enumerate(bar):
             lr = learning_rate(cfg.train.lr_schedule, epoch, cfg.train.epochs, i / len(loader),
                                lr=cfg.train.lr, warmup=cfg.train.lr_warmup_epochs,
-                               milestones=cfg.train.lr_milestones)
+                               milestones=cfg.train.lr_milestones,
+                               first=cfg.train.lr_first_epochs)
             stats = parts(x, y, attack=attack, epoch=epoch, lr=lr)
             if not math.isfinite(stats["loss"]):
                 kept = (f"{run_dir / 'last.pt'} holds the last good state" if epoch > 1
@@ -328,7 +326,8 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, dataset: Dataset, n_real:
                    "robust": robust_sum / seen, "train_acc": correct / seen,
                    "check_points": check_label, "eps": attack.eps, "attack_steps": attack.steps,
                    "images_per_s": seen / seconds, "seconds": seconds}
-        best = _end_epoch(cfg, run_dir, parts, check, check_label, epoch, step, best, metrics, log)
+        best = _end_epoch(cfg, run_dir, parts, check, check_label, epoch, step, best, metrics, log,
+                          teacher)
     distributed.barrier(ranks)
     return metrics
 
@@ -346,7 +345,7 @@ def _check_weights(cfg: Config, parts: TrainStep) -> tuple[torch.nn.Module, str]
 
 def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None,
                check_label: str, epoch: int, step: int, best: float, metrics: dict[str, Any],
-               log: RunLog) -> float:
+               log: RunLog, teacher: Teacher | None) -> float:
     """The check, the files and the logs of a finished epoch (rank 0); returns the best robust
     accuracy so far. Side files first, last.pt last: a kill in between redoes the epoch."""
     is_best, selection, note = False, None, ""
@@ -369,8 +368,9 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
         ema=parts.ema.state_dict(), optimizer=parts.optimizer.state_dict(),
         prior=parts.prior.state_dict(),
         epoch_avg=parts.epoch_avg.state_dict() if parts.epoch_avg is not None else None,
-        natural=({"arch": cfg.loss.natural_arch, "model": parts.natural.state_dict()}
+        natural=({"arch": cfg.loss.lbgat.natural_arch, "model": parts.natural.state_dict()}
                  if parts.natural is not None else None),
+        teacher=teacher.identity if teacher is not None else None,
         epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(), config=config,
         metrics=metrics, check=selection)
     if cfg.train.save_every and epoch % cfg.train.save_every == 0:

@@ -136,18 +136,27 @@ def sync(device: torch.device) -> None:
 
 def time_variants(variants: list[str], init: nn.Module, x: Tensor, y: Tensor,
                   args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Warm each variant up, then time them in turns (one step each per round), so drift of a
-    shared machine's speed hits all alike."""
-    steps, rows = {}, {}
+    """Each variant's step built from `init` (same seed), then timed by `time_steps`."""
+    steps = {}
     for variant in variants:
         torch.manual_seed(0)
         steps[variant] = build(variant, init, args, device)
+    return time_steps(steps, x, y, args.repeats, args.warmup, device)
+
+
+def time_steps(steps: dict, x: Tensor, y: Tensor, repeats: int, warmup: int,
+               device: torch.device) -> list[dict]:
+    """Warm each step(x, y) up, then time them in turns (one call each per round), so drift of a
+    shared machine's speed hits all alike; median, min and max seconds, images/s, peak GPU
+    memory."""
+    rows = {}
+    for variant, step in steps.items():
         start = time.perf_counter()
-        for _ in range(args.warmup):
-            steps[variant](x, y)
+        for _ in range(warmup):
+            step(x, y)
         sync(device)
         rows[variant] = {"variant": variant, "warmup_s": time.perf_counter() - start, "times": []}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for variant, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()

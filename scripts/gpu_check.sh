@@ -7,9 +7,11 @@
 #   1. machine facts; 2. bench_step.py for WRN-34-10, batch 128 and 256, K=5, AWP on (reference
 #   fp32 vs ours fp32 / bf16 / bf16+channels_last); 3. bf16-vs-fp32 loss curve; 4. APGD-CE timing
 #   on WRN-34-10, 512 points, fp32; 5. the CUDA-marked tests; 6. bf16+channels_last+compile;
-#   7. the standard-AutoAttack projection for 10,000 points of WRN-34-10 (bench_aa.py: plain,
+#   7. bench_distill.py: each distillation method's step (ResNet-18 student, WRN-34-10 teacher,
+#   batch 128, K=10) against TRADES + one teacher forward (not yet run on a GPU);
+#   8. the standard-AutoAttack projection for 10,000 points of WRN-34-10 (bench_aa.py: plain,
 #   channels_last, bf16 on 64 points; not yet run on a GPU, its time is a guess: it goes last,
-#   and steps 1-7 together should stay under the device's 10 minutes per command; the compile
+#   and steps 1-8 together should stay under the device's 10 minutes per command; the compile
 #   variant of bench_aa needs a run of its own).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +49,9 @@ step apgd_timing 90 python3 scripts/bench_eval.py --apgd-model wrn-34-10 --apgd-
 step cuda_tests 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
 step bench_step_compile 200 "${BENCH[@]}" --batch-size 256 --warmup 4 \
     --variants bf16-cl,bf16-cl-compile --json "$OUT/bench_step_compile.json"
+step bench_distill 100 python3 scripts/bench_distill.py --device cuda --student resnet-18 \
+    --teacher wrn-34-10 --batch-size 128 --steps 10 --repeats 5 --warmup 2 \
+    --json "$OUT/bench_distill.json"
 step bench_aa 220 python3 scripts/bench_aa.py --device cuda --model wrn-34-10 --n 64 \
     --batch-size 64 --variants plain,channels_last,bf16 --json "$OUT/bench_aa.json"
 

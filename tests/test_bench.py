@@ -64,3 +64,16 @@ def test_bench_aa_projects_from_full_budget_costs(tmp_path):
             bench_aa.project(costs, 0.85, 0.60, 0.57) / 3600)
     assert bench_aa.project({"apgd-ce": 1, "apgd-t": 2, "fab-t": 3, "square": 4}, 1, 0.5, 0.25,
                             n=10) == 10 * (1 + 0.5 * 2 + 0.25 * 7)
+
+
+def test_bench_distill_times_every_method_against_trades_and_a_teacher_forward(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_distill.py"), "--student", "small-cnn", "--teacher",
+         "wrn-10-1", "--batch-size", "4", "--steps", "1", "--repeats", "1", "--warmup", "0",
+         "--device", "cpu", "--json", str(tmp_path / "distill.json")],
+        capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "distill.json").read_text())["rows"]}
+    assert set(rows) == {"teacher-forward", "trades", "ard", "rslad", "rslad-gkl", "gkl-kd",
+                         "adaad"}
+    assert all("within_bound" in rows[v] for v in ("ard", "rslad", "rslad-gkl", "gkl-kd"))

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -25,6 +26,19 @@ def test_config_prints_the_resolved_config(tmp_path):
     assert out.returncode == 0, out.stderr
     assert build_config(yaml.safe_load(out.stdout)) == build_config(
         {"train": {"epochs": 7}}, ["attack.eps=4/255"])
+
+
+def test_config_shows_the_switched_methods_own_values():
+    """`advgkl config` on the GKL demo with loss.method=mart: MART's beta 6 and CE attack, only
+    MART's section, and a note saying the file's GKL values stay with GKL."""
+    demo = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
+    out = run("config", str(demo), "loss.method=mart")
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert printed["loss"] == {"method": "mart", "mart": {"beta": 6.0, "form": "authors",
+                                                          "label_smoothing": 0.0}}
+    assert printed["attack"]["objective"] == "ce" and "alpha" not in printed["attack"]
+    assert "stay with gkl; mart's own values apply" in out.stderr
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path):

@@ -1,6 +1,7 @@
 """The algorithm core on a CUDA GPU: exactness, bf16 autocast, invariants (skipped without CUDA)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ from torch import nn
 
 from advgkl.attacks import PGDAttack
 from advgkl.awp import AWP
-from advgkl.losses import build_objective, gkl_loss
+from advgkl.losses import gkl_loss
+from advgkl.methods import METHODS
+from advgkl.objectives import Logits, build_objective
 from advgkl.priors import ClassPrior
 from advgkl.reference import pairwise_gkl_loss
 
@@ -51,15 +54,16 @@ def test_bf16_autocast_training_step(method, channels_last):
     x, y = batch()
     prior = ClassPrior(10, device=DEVICE)
     x_adv = PGDAttack(eps=8 / 255, step_size=2 / 255, steps=3)(model, x, y)
-    objective = build_objective(method, gamma=0.4)
+    settings = METHODS[method].settings(**({"gamma": 0.4} if method == "gkl" else {}))
+    objective = build_objective(method, settings)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         logits_nat, logits_adv = model(x), model(x_adv)
-        out = objective(logits_nat, logits_adv, y, prior.rows(y))
+        out = objective(Logits(logits_nat, logits_adv, y, prior.rows(y)))
     assert logits_nat.dtype == torch.bfloat16 and out["loss"].dtype == torch.float32
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():
-        fp32 = objective(*(model(t) for t in (x, x_adv)), y, prior.rows(y))["loss"]
+        fp32 = objective(Logits(model(x), model(x_adv), y, prior.rows(y)))["loss"]
     assert abs(out["loss"].item() - fp32.item()) < 0.05 * abs(fp32.item()) + 1e-2
 
 
@@ -102,9 +106,8 @@ def test_awp_restores_on_gpu():
     model = small_net()
     x, y = batch()
     before = copy.deepcopy(model.state_dict())
-    awp = AWP(model, gamma=0.005)
-    diff = awp.perturb(build_objective("gkl"), x, x, y, ClassPrior(10, device=DEVICE).rows(y),
-                       lr=0.2)
+    awp = AWP(model, gamma=0.005, lr=0.2)
+    diff = awp.perturb(build_objective("gkl"), x, x, y, ClassPrior(10, device=DEVICE).rows(y))
     awp.restore(diff)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=1e-6, atol=1e-7)
@@ -193,3 +196,29 @@ def test_gkl_attack_objective_and_epoch_average_on_the_gpu(tmp_path):
     metrics = train(cfg, tmp_path / "run", echo=False)
     assert metrics["clean_acc"] > 0.5 and metrics["eval_weights"] == "avg"
     model_from_checkpoint(load_checkpoint(tmp_path / "run" / "avg.pt"))
+
+
+@pytest.mark.parametrize("method", ["ard", "rslad", "adaad", "gkl_kd"])
+def test_distillation_on_the_gpu_in_bf16_channels_last(tmp_path, method):
+    """A teacher on the GPU beside the student: same autocast and memory format, frozen; the
+    student trains and its checkpoint loads on the CPU."""
+    from pathlib import Path
+
+    from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+    from advgkl.config import load_config
+    from advgkl.models import create_model
+    from advgkl.train import train
+
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, model_checkpoint(create_model("wrn-10-1", 10).state_dict(),
+                                              arch="wrn-10-1", num_classes=10))
+    demo = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
+    cfg = load_config(demo, ["train.device=cuda", "train.epochs=2", f"loss.method={method}",
+                             f"distill.teacher={teacher}", "train.precision=bf16",
+                             "train.attack_precision=bf16", "train.channels_last=true"])
+    metrics = train(cfg, tmp_path / "run", echo=False)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert math.isfinite(metrics["loss"]) and "ignored" not in log
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["teacher"]["arch"] == "wrn-10-1" and all(
+        t.device.type == "cpu" for t in ckpt["model"].values())

@@ -92,3 +92,32 @@ def test_global_batch_must_split_evenly(tmp_path):
                           text=True, env=ENV)
     assert done.returncode != 0
     assert "must divide evenly over 2 processes" in done.stderr
+
+
+@pytest.mark.slow
+def test_distillation_under_ddp_matches_one_process(tmp_path):
+    """GKL-KD (teacher attack, teacher class prior all-reduced over the ranks) with a frozen
+    teacher that every rank holds unwrapped: 2 gloo processes against one with the same batch."""
+    from advgkl.checkpoint import model_checkpoint, save_checkpoint
+    from advgkl.models import create_model
+
+    torch.manual_seed(5)
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, model_checkpoint(create_model("small-cnn", 10).state_dict(),
+                                              arch="small-cnn", num_classes=10))
+    extra = ["loss.method=gkl_kd", f"distill.teacher={teacher}", "awp.gamma=0",
+             "attack.objective=teacher_kl", "loss.gkl_kd.warmup=1"]
+    for name, procs in (("ddp", 2), ("single", 1)):
+        done = subprocess.run(train_cmd(tmp_path, name, *extra, procs=procs), capture_output=True,
+                              text=True, env=ENV)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ddp, single = (load_checkpoint(tmp_path / n / "last.pt") for n in ("ddp", "single"))
+    assert ddp["teacher"] == single["teacher"]
+    near = relative_differences(single["model"], ddp["model"])
+    assert max(near[k] for k in near if k.endswith("weight")) < 0.15
+    loss = single["metrics"]["loss"]
+    assert abs(ddp["metrics"]["loss"] - loss) < 0.02 * loss
+    # The teacher's class prior depends on the data only: all-reduced, it equals one process's
+    # (up to float32 rounding of the teacher's forward on batches of another size).
+    torch.testing.assert_close(ddp["prior"]["prior"], single["prior"]["prior"], rtol=1e-4,
+                               atol=1e-6)

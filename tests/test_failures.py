@@ -52,6 +52,11 @@ MISTAKES = [
     (["train", DEMO, "train.epoch_avg_tau=1.5"], "train.epoch_avg_tau: 1.5 must be < 1"),
     (["train", DEMO, "data.dataset=cifar10"], "cifar10: no data set in"),
     (["train", "--resume", "missing-run"], "not a run folder"),
+    (["train", DEMO, "run.name=../../escaped"], "run.name: '../../escaped' must be a plain name"),
+    (["eval", "{ckpt}", "--model-name", "../../escaped", "--n-examples", "10"],
+     "--model-name: '../../escaped' must be a plain name"),
+    (["eval-merge", "missing.json", "--model-name", ".."], "--model-name: '..' must be a plain"),
+    (["export", "{ckpt}", "--eval", "...json", "--out", "sub"], "'..' must be a plain name"),
     (["train", DEMO, "--bogus"], "unrecognized arguments: --bogus"),
     (["eval", "missing.pt"], "missing.pt: checkpoint not found"),
     (["eval", "{ckpt}", "--n-examples", "0"], "--n-examples and --batch-size must be at least 1"),
@@ -177,3 +182,13 @@ def test_autoattack_killed_mid_way_continues_from_its_state_file(checkpoint, tmp
     assert cut["robust_flags"] == full["robust_flags"]
     assert cut["clean_flags"] == full["clean_flags"]
     assert "advgkl: clean accuracy" in (records / "cut.log").read_text()  # the killed run's part
+
+
+def test_a_study_row_named_to_escape_its_folder_is_refused(tmp_path):
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: s\nbase: {DEMO}\nseeds: [0]\ncheckpoint: last.pt\n"
+                     "rows:\n  - {name: '..', overrides: []}\n")
+    out = subprocess.run([sys.executable, "-m", "advgkl", "study", str(study)], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert_one_line_error(out.returncode, out.stderr, "each row needs a unique plain name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]

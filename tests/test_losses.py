@@ -3,11 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from advgkl.losses import (build_objective, cross_entropy, gkl_loss, ikl_loss, lbgat_guidance,
-                           mart_loss, soft_cross_entropy, trades_kl)
+from advgkl.losses import (cross_entropy, gkl_loss, ikl_loss, lbgat_guidance, mart_loss,
+                           soft_cross_entropy, trades_kl)
+from advgkl.methods import METHODS
+from advgkl.objectives import Logits, build_objective
 from advgkl.reference import pairwise_gkl_loss as pairwise_gkl
+from helpers import LargestTensor
 
 
 def random_inputs(batch, classes, seed=0, dtype=torch.float64):
@@ -62,21 +64,6 @@ def test_decoupling_theorem():
     torch.testing.assert_close(kl_gn, sce_gn, rtol=1e-9, atol=1e-12)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operation produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_gkl_never_builds_a_b_c_c_tensor():
     batch, classes = 16, 500
     adv, nat, prior = random_inputs(batch, classes, dtype=torch.float32)
@@ -114,12 +101,18 @@ def test_bf16_logits_are_computed_in_float32():
     assert loss.dtype == torch.float32
 
 
+def settings(method, **values):
+    return METHODS[method].settings(**{k: v for k, v in values.items()
+                                       if k in METHODS[method].settings.__dataclass_fields__})
+
+
 @pytest.mark.parametrize("method", ["pgd_at", "trades", "ikl", "gkl"])
 def test_objective_terms(method):
     adv, nat, prior = random_inputs(6, 10)
     y = torch.arange(6) % 10
-    obj = build_objective(method, alpha=2.0, beta=6.0, gamma=0.4, temperature=3.0)
-    out = obj(nat, adv, y, prior)
+    obj = build_objective(method, settings(method, alpha=2.0, beta=6.0, gamma=0.4,
+                                           temperature=3.0))
+    out = obj(Logits(nat, adv, y, prior))
     assert set(out) == {"loss", "ce", "robust"}
     robust = {"pgd_at": cross_entropy(adv, y),
               "trades": 6.0 * trades_kl(adv, nat),
@@ -129,13 +122,14 @@ def test_objective_terms(method):
     torch.testing.assert_close(out["ce"], F.cross_entropy(nat, y))
     expected = robust[method] if method == "pgd_at" else F.cross_entropy(nat, y) + robust[method]
     torch.testing.assert_close(out["loss"], expected)
-    assert obj.needs_prior == (method in ("ikl", "gkl"))
+    assert (obj.prior is not None) == (method in ("ikl", "gkl"))
 
 
-def test_unknown_method():
-    with pytest.raises(ValueError, match="method: 'kl' is not one of pgd_at, trades, ikl, gkl, "
-                                         "mart, lbgat"):
+def test_unknown_method_and_foreign_settings():
+    with pytest.raises(ValueError, match="method: 'kl' is not one of pgd_at, trades, mart"):
         build_objective("kl")
+    with pytest.raises(ValueError, match="settings: GklSettings are not mart's"):
+        build_objective("mart", METHODS["gkl"].settings())
 
 
 @pytest.mark.parametrize("make, message", [
@@ -183,17 +177,17 @@ def mart_by_its_formula(adv, nat, y, beta, smoothing=0.0):
 def test_mart_equals_its_formula_with_gradients(classes, smoothing):
     adv, nat, _ = random_inputs(7, classes, seed=classes)
     y = torch.arange(7) % classes
-    ours = value_and_grads(lambda a, n: mart_loss(a, n, y, beta=6.0, label_smoothing=smoothing),
-                           adv, nat)
+    ours = value_and_grads(lambda a, n: mart_loss(a, n, y, beta=6.0, label_smoothing=smoothing,
+                                                  form="exact"), adv, nat)
     direct = value_and_grads(lambda a, n: mart_by_its_formula(a, n, y, 6.0, smoothing), adv, nat)
     for a, b in zip(ours, direct):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_mart_stays_finite_when_the_runner_up_is_certain():
+def test_mart_exact_form_stays_finite_when_the_runner_up_is_certain():
     adv = torch.tensor([[0.0, 60.0, -5.0]], dtype=torch.float64, requires_grad=True)
     nat = torch.zeros(1, 3, dtype=torch.float64)
-    loss = mart_loss(adv, nat, torch.tensor([0]), beta=6.0)
+    loss = mart_loss(adv, nat, torch.tensor([0]), beta=6.0, form="exact")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(adv.grad).all()
 
@@ -217,19 +211,72 @@ def test_lbgat_guidance_equals_its_formula_with_gradients():
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
     for a, b in zip(ours_grads, their_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
-    out = build_objective("lbgat", beta=6.0, label_smoothing=0.1)(nat, adv, y, None, guide)
+    out = build_objective("lbgat", settings("lbgat", label_smoothing=0.1))(
+        Logits(nat, adv, y, guide=guide))
     torch.testing.assert_close(out["ce"], F.cross_entropy(guide, y, label_smoothing=0.1))
     torch.testing.assert_close(out["loss"], out["ce"] + lbgat_guidance(adv, nat, guide, beta=6.0))
-    with pytest.raises(ValueError, match="logits_guide"):
-        build_objective("lbgat")(nat, adv, y)
+    with pytest.raises(ValueError, match="guide"):
+        build_objective("lbgat")(Logits(nat, adv, y))
 
 
 @pytest.mark.parametrize("method", ["pgd_at", "trades", "ikl", "gkl", "mart"])
 def test_label_smoothing_enters_the_cross_entropy_each_method_trains_on(method):
     adv, nat, prior = random_inputs(6, 10, seed=5)
     y = torch.arange(6)
-    plain, smooth = (build_objective(method, beta=6.0, label_smoothing=s)(nat, adv, y, prior)
-                     for s in (0.0, 0.1))
+    plain, smooth = (build_objective(method, settings(method, beta=6.0, label_smoothing=s))(
+        Logits(nat, adv, y, prior)) for s in (0.0, 0.1))
     on = adv if method in ("pgd_at", "mart") else nat
     shift = (F.cross_entropy(on, y, label_smoothing=0.1) - F.cross_entropy(on, y))
     torch.testing.assert_close(smooth["loss"] - plain["loss"], shift)
+
+
+def mart_as_the_authors_wrote_it(logits_adv, logits_nat, y, beta):
+    """A literal transcription of mart.py's loss (YisenWang/MART 2d83e17), after the attack."""
+    kl = torch.nn.KLDivLoss(reduction="none")
+    batch_size = len(logits_adv)
+    adv_probs = F.softmax(logits_adv, dim=1)
+    tmp1 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(tmp1[:, -1] == y, tmp1[:, -2], tmp1[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12),
+                                                           new_y)
+    nat_probs = F.softmax(logits_nat, dim=1)
+    true_probs = torch.gather(nat_probs, 1, (y.unsqueeze(1)).long()).squeeze()
+    loss_robust = (1.0 / batch_size) * torch.sum(
+        torch.sum(kl(torch.log(adv_probs + 1e-12), nat_probs), dim=1) * (1.0000001 - true_probs))
+    return loss_adv + float(beta) * loss_robust
+
+
+def confidently_wrong_and_near_certain(classes, seed):
+    """Rows of adversarial logits: random; confidently wrong (one wrong class at +25); near-certain
+    right (the true class at +40); the runner-up near certain (two wrong classes close at +30)."""
+    adv, nat, _ = random_inputs(8, classes, seed=seed)
+    y = torch.arange(8) % classes
+    with torch.no_grad():
+        adv[1, (y[1] + 1) % classes] += 25
+        adv[2, y[2]] += 40
+        nat[2, y[2]] += 40
+        adv[3, (y[3] + 1) % classes] += 30
+        adv[3, (y[3] + 2) % classes] += 29.5
+    return adv, nat, y
+
+
+@pytest.mark.parametrize("classes", [2, 10, 100])
+def test_mart_equals_the_authors_code_values_and_gradients(classes):
+    adv, nat, y = confidently_wrong_and_near_certain(classes, seed=classes)
+    ours = value_and_grads(lambda a, n: mart_loss(a, n, y, beta=6.0), adv, nat)
+    theirs = value_and_grads(lambda a, n: mart_as_the_authors_wrote_it(a, n, y, 6.0), adv, nat)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    out = build_objective("mart")(Logits(nat, adv, y))
+    torch.testing.assert_close(out["loss"], ours[0])
+    exact = value_and_grads(lambda a, n: mart_loss(a, n, y, beta=6.0, form="exact"), adv, nat)
+    assert (exact[1] - ours[1]).abs().max() > 1e-3   # the constants matter where MART acts
+
+
+def test_mart_authors_form_in_float32_matches_their_float32_code():
+    adv, nat, y = confidently_wrong_and_near_certain(10, seed=1)
+    adv, nat = adv.detach().float().requires_grad_(), nat.detach().float().requires_grad_()
+    ours = value_and_grads(lambda a, n: mart_loss(a, n, y, beta=6.0), adv, nat)
+    theirs = value_and_grads(lambda a, n: mart_as_the_authors_wrote_it(a, n, y, 6.0), adv, nat)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)

@@ -121,3 +121,106 @@ def test_constructor_text():
         "mean=CIFAR10_MEAN, std=CIFAR10_STD)")
     with pytest.raises(ValueError, match="no RobustBench architecture"):
         robustbench_constructor("preact-resnet-18", 10)
+
+
+# The students and LBGAT's natural model, against networks written out here from their
+# description: post-activation BasicBlocks (conv-BN-ReLU-conv-BN, + shortcut, ReLU; a 1x1 conv +
+# BN shortcut when the shape changes), stem 3x3/64 at stride 1, 2 blocks per stage at 64/128/256/
+# 512, then a fixed average pool (4 for the kuangliu layout, 8 for LBGAT's ResNet18_cifar whose
+# stages run at strides 1/1/2/2); MobileNetV2 (expand-depthwise-project blocks, residual at stride
+# 1 only, (1,16,1,1) (6,24,2,1) (6,32,3,2) (6,64,4,2) (6,96,3,1) (6,160,3,2) (6,320,1,1), stem and
+# head 1x1 to 1280, pool 4).
+
+class DescribedBlock(torch.nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        relu = torch.nn.functional.relu
+        return relu(self.bn2(self.conv2(relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class DescribedResNet18(torch.nn.Module):
+    def __init__(self, classes, strides, pool):
+        super().__init__()
+        nn = torch.nn
+        self.pool = pool
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
+        widths = [64, 64, 128, 256, 512]
+        for i, stride in enumerate(strides):
+            setattr(self, f"layer{i + 1}", nn.Sequential(
+                DescribedBlock(widths[i], widths[i + 1], stride),
+                DescribedBlock(widths[i + 1], widths[i + 1], 1)))
+        self.linear = nn.Linear(512, classes)
+
+    def forward(self, x):
+        out = torch.nn.functional.relu(self.bn1(self.conv1(x)))
+        for i in range(1, 5):
+            out = getattr(self, f"layer{i}")(out)
+        return self.linear(torch.nn.functional.avg_pool2d(out, self.pool).view(len(x), -1))
+
+
+class DescribedMobileBlock(torch.nn.Module):
+    def __init__(self, cin, cout, expansion, stride):
+        super().__init__()
+        nn, mid = torch.nn, expansion * cin
+        self.stride = stride
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride == 1 and cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        relu = torch.nn.functional.relu
+        out = self.bn3(self.conv3(relu(self.bn2(self.conv2(relu(self.bn1(self.conv1(x))))))))
+        return out + self.shortcut(x) if self.stride == 1 else out
+
+
+class DescribedMobileNetV2(torch.nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32)
+        blocks, cin = [], 32
+        for expansion, cout, n, stride in ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2),
+                                           (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                                           (6, 320, 1, 1)):
+            for stride_i in [stride] + [1] * (n - 1):
+                blocks.append(DescribedMobileBlock(cin, cout, expansion, stride_i))
+                cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.conv2, self.bn2 = nn.Conv2d(320, 1280, 1, bias=False), nn.BatchNorm2d(1280)
+        self.linear = nn.Linear(1280, classes)
+
+    def forward(self, x):
+        relu = torch.nn.functional.relu
+        out = relu(self.bn2(self.conv2(self.layers(relu(self.bn1(self.conv1(x)))))))
+        return self.linear(torch.nn.functional.avg_pool2d(out, 4).view(len(x), -1))
+
+
+@pytest.mark.parametrize("name, described", [
+    ("resnet-18", lambda c: DescribedResNet18(c, (1, 2, 2, 2), 4)),
+    ("resnet-18-lbgat", lambda c: DescribedResNet18(c, (1, 1, 2, 2), 8)),
+    ("mobilenet-v2", DescribedMobileNetV2),
+])
+@pytest.mark.parametrize("classes", [10, 100])
+def test_students_and_lbgats_natural_model_equal_their_description(name, described, classes):
+    ours, theirs = create_model(name, classes), described(classes)
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    randomize(ours)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images()), theirs(images()), rtol=1e-5, atol=1e-6)
+    assert ours(images(2, 16)).shape == (2, classes)   # any input size (the digits: 16x16)

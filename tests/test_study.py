@@ -98,6 +98,40 @@ def test_study_runs_resumes_after_sigkill_skips_finished_runs_and_aggregates_exa
         assert (out / png).stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_a_teacher_is_trained_first_then_distilled_and_has_its_own_row(tmp_path):
+    tree = {**TINY, "seeds": [0], "checkpoint": "last.pt",
+            "eval": {"n_examples": 20, "eps": "32/255", "batch_size": 20, "quick": "pgd-2"},
+            "teacher": {"name": "teacher", "overrides": ["model.arch=wrn-10-1"]},
+            "rows": [{"name": "rslad", "overrides": ["loss.method=rslad",
+                                                     "distill.teacher={teacher}"]}]}
+    path = write_study(tmp_path, tree)
+    study = load_study(path, tmp_path / "studies" / "tiny")
+    assert [r.name for r in study.runs] == ["teacher-s0", "rslad-s0"]
+    out = study_cli(path, "--run", "rslad-s0")          # its teacher is not trained yet
+    assert out.returncode == 2 and "run it first (--run teacher-s0)" in out.stderr
+    out = study_cli(path, "-j", "2")
+    assert out.returncode == 0, out.stderr
+    runs = tmp_path / "studies" / "tiny" / "runs"
+    teacher = (runs / "teacher-s0" / "last.pt").resolve()
+    assert f"teacher: {teacher}" in (runs / "rslad-s0" / "train.log").read_text()
+    summary = (tmp_path / "studies" / "tiny" / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary[1:]] == ["teacher", "rslad"]
+
+
+def test_concurrent_run_tasks_keep_each_others_failures(tmp_path):
+    """Cluster tasks (`--run`) that fail at the same time each record their own failure."""
+    path = write_study(tmp_path, {**TINY, "rows": [TINY["rows"][2]]})   # broken-s0, broken-s1
+    procs = [subprocess.Popen([sys.executable, "-m", "advgkl", "study", str(path), "--run", name],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for name in ("broken-s0", "broken-s1")]
+    for proc in procs:
+        assert proc.wait() == 2 and "training failed" in proc.stderr.read()
+    from advgkl.study import failures
+    study = load_study(path, tmp_path / "studies" / "tiny")
+    assert sorted(failures(study)) == ["broken-s0", "broken-s1"]
+
+
 def test_print_gives_one_command_per_run_and_a_slurm_array(tmp_path):
     path = write_study(tmp_path)
     out = study_cli(path, "--print")
@@ -113,11 +147,16 @@ def test_print_gives_one_command_per_run_and_a_slurm_array(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"colour": "red"}, "unknown keys ['colour']"),
     ({"rows": [{"name": "a", "overrides": ["train.epochz=3"]}]}, "row a: train.epochz"),
-    ({"rows": [{"name": "a"}, {"name": "a"}]}, "each row needs a unique name"),
+    ({"rows": [{"name": "a"}, {"name": "a"}]}, "each row needs a unique plain name"),
+    ({"rows": [{"name": ".."}]}, "each row needs a unique plain name"),
+    ({"name": ".."}, "name '..' may hold letters"),
     ({"base": "missing.yaml"}, "base config missing.yaml not found"),
     ({"seeds": []}, "seeds a non-empty list"),
     ({"eval": {"eps": 8}}, "did you mean 8/255?"),
     ({"rows": [{"name": "a", "overrides": ["eval.check=none"]}]}, "writes no best.pt"),
+    ({"rows": [{"name": "a", "overrides": ["distill.teacher={teacher}"]}]},
+     "row a names {teacher}, but the study has no teacher"),
+    ({"teacher": {"overrides": []}}, "teacher must be a mapping with a name"),
 ])
 def test_a_bad_study_file_is_refused_naming_what_is_wrong(tmp_path, change, message):
     path = write_study(tmp_path, {**TINY, **change})
@@ -134,4 +173,5 @@ def test_every_shipped_study_loads_and_each_row_validates(path):
     assert lines[0].startswith("#") and any("Cost:" in line for line in lines if line[:1] == "#")
     assert any(f"advgkl study configs/studies/{path.name}" in line for line in lines[:6])
     study = load_study(path)
-    assert len(study.runs) == len(study.rows) * len(study.seeds) >= 2
+    teacher = 1 if study.teacher else 0
+    assert len(study.runs) == (len(study.rows) - teacher) * len(study.seeds) + teacher >= 2

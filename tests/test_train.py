@@ -15,7 +15,9 @@ from advgkl.config import load_config
 from advgkl.data import NUM_CLASSES, Split, carve_validation
 from advgkl.ema import WeightEMA
 from advgkl.errors import UserError
-from advgkl.losses import Objective
+from advgkl.leaderboard import sha256_file
+from advgkl.methods import METHODS
+from advgkl.objectives import Objective
 from advgkl.train import TrainingError, learning_rate, train
 
 ROOT = Path(__file__).parent.parent
@@ -33,6 +35,12 @@ def test_piecewise_and_cosinew_schedules():
     piece = [learning_rate("piecewise", e, 200, 0.0, lr=0.1, warmup=0, milestones=[100, 150])
              for e in (99, 100, 149, 150)]
     assert piece == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    mart = [learning_rate("piecewise", e, 90, 0.0, lr=0.1, warmup=0, milestones=[75, 90])
+            for e in (74, 75, 89, 90)]           # a milestone at the last epoch: MART's script
+    assert mart == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    lbgat = [learning_rate("piecewise", e, 100, 0.0, lr=0.1, warmup=0, milestones=[76, 91],
+                           first=[0.02]) for e in (1, 2, 76, 91)]   # LBGAT's epoch-1 lr
+    assert lbgat == pytest.approx([0.02, 0.1, 0.01, 0.001])
     assert learning_rate("cosinew", 1, 10, 0.5, lr=0.2, warmup=1, milestones=[]) == 0.1
     assert learning_rate("cosinew", 10, 10, 1.0, lr=0.2, warmup=1, milestones=[]) == pytest.approx(0)
 
@@ -72,9 +80,20 @@ def fake_load_split(dataset, *, train, root="data", download=False):
 
 def tiny_overrides(cfg):
     tiny = "wrn-10-1-swish" if cfg.model.arch.endswith("swish") else "wrn-10-1"
-    return [f"model.arch={tiny}", "loss.natural_arch=wrn-10-1", "train.epochs=1", "train.batch_size=8", "train.lr_milestones=[]",
-            "train.ema_start_epoch=1", "awp.warmup_epochs=1", "eval.val_size=4",
-            "data.num_workers=0", "train.device=cpu"]
+    natural = ["loss.natural_arch=wrn-10-1"] if cfg.loss.method == "lbgat" else []
+    return [f"model.arch={tiny}", *natural, "train.epochs=1", "train.batch_size=8",
+            "train.lr_milestones=[]", "train.ema_start_epoch=1", "awp.warmup_epochs=1",
+            "eval.val_size=4", "data.num_workers=0", "train.device=cpu"]
+
+
+def tiny_teacher(path, classes):
+    """An advgkl checkpoint standing in for a config's RobustBench teacher (no download here)."""
+    from advgkl.checkpoint import model_checkpoint, save_checkpoint
+    from advgkl.models import create_model
+
+    save_checkpoint(path, model_checkpoint(create_model("wrn-10-1", classes).state_dict(),
+                                           arch="wrn-10-1", num_classes=classes))
+    return path
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -83,6 +102,9 @@ def test_every_shipped_config_trains_on_a_tiny_model(path, tmp_path, monkeypatch
     monkeypatch.setattr(train_mod, "load_split", fake_load_split)
     cfg = load_config(path)
     overrides = tiny_overrides(cfg)
+    if cfg.distill.teacher:
+        teacher = tiny_teacher(tmp_path / "teacher.pt", NUM_CLASSES[cfg.data.dataset])
+        overrides.append(f"distill.teacher={teacher}")
     if cfg.data.generated:  # a small generated file in the configured format, 32 samples/epoch
         np.savez(tmp_path / "generated.npz",
                  image=np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
@@ -100,6 +122,9 @@ def test_every_shipped_config_trains_on_a_tiny_model(path, tmp_path, monkeypatch
     assert (tmp_path / "run" / "avg.pt").is_file() == (cfg.train.epoch_avg_tau > 0)
     assert cfg.eval.check != "test"  # no shipped config selects on test points
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    assert ckpt["teacher"] == (None if not cfg.distill.teacher else
+                               {"source": str(teacher.resolve()), "sha256": sha256_file(teacher),
+                                "weights": "model", "arch": "wrn-10-1"})
 
 
 def test_second_train_into_a_run_folder_is_refused(tmp_path, monkeypatch):
@@ -243,16 +268,21 @@ def test_data_options_that_cannot_work_are_refused(tmp_path, overrides, message)
     assert not (tmp_path / "run").exists()
 
 
-def crash_after_epoch_1_and_resume(cfg, tmp_path, monkeypatch):
-    """Train `cfg` into tmp_path/cut, crash it right after epoch 1's last.pt and metrics row,
-    resume it; returns the last.pt of tmp_path/full (trained before) and of the resumed run."""
+def crash_after_epoch_1(cfg, run_dir, monkeypatch):
+    """Train `cfg` into `run_dir` and crash it right after epoch 1's last.pt and metrics row."""
     def crash(self):
         raise RuntimeError("crash")
 
     monkeypatch.setattr(train_mod.RunLog, "plot", crash)
     with pytest.raises(RuntimeError, match="crash"):
-        train(cfg, tmp_path / "cut", echo=False)
+        train(cfg, run_dir, echo=False)
     monkeypatch.undo()
+
+
+def crash_after_epoch_1_and_resume(cfg, tmp_path, monkeypatch):
+    """Train `cfg` into tmp_path/cut, crash it right after epoch 1's last.pt and metrics row,
+    resume it; returns the last.pt of tmp_path/full (trained before) and of the resumed run."""
+    crash_after_epoch_1(cfg, tmp_path / "cut", monkeypatch)
     train(cfg, tmp_path / "cut", resume=True, echo=False)
     return tuple(load_checkpoint(tmp_path / r / "last.pt") for r in ("full", "cut"))
 
@@ -281,13 +311,14 @@ def test_generated_images_and_device_augmentation_train_and_resume_exactly(tmp_p
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_build_attack_gives_the_authors_attack_per_dataset(path):
     """CIFAR-100 GKL/IKL configs attack with sCE + prior-weighted wMSE (1, 1, 1), the CIFAR-10
-    ones with KL; the ramped budget of the paper's schedule."""
+    ones with KL; every other config with its method's own attack; the ramped budget of the
+    paper's schedule."""
     cfg = load_config(path)
     attack = train_mod.build_attack(cfg, 1)
     if cfg.data.dataset == "cifar100" and cfg.loss.method in ("gkl", "ikl"):
         assert (attack.objective, attack.alpha, attack.beta, attack.gamma) == ("gkl", 1, 1, 1)
-    elif cfg.data.dataset == "cifar10" and cfg.loss.method != "pgd_at":
-        assert attack.objective == "kl"
+    else:
+        assert attack.objective == METHODS[cfg.loss.method].attack
     assert attack.random_start == cfg.attack.random_start
     if cfg.attack.schedule == "paper_effective":
         last = train_mod.build_attack(cfg, cfg.train.epochs)
@@ -329,8 +360,8 @@ def test_mart_and_lbgat_train_on_the_digits_and_resume_exactly(method, tmp_path,
     """Both methods train the demo data end to end (with label smoothing); LBGAT's natural model
     is checkpointed and resumed with the robust one, bit-exactly."""
     overrides = ["train.epochs=2", "attack.steps=2", "eval.pgd_steps=1", "eval.val_size=64",
-                 f"loss.method={method}", "loss.beta=6.0", "loss.natural_arch=small-cnn",
-                 "loss.label_smoothing=0.1"] + (["attack.objective=ce"] if method == "mart" else [])
+                 f"loss.method={method}", "loss.label_smoothing=0.1",
+                 *(["loss.natural_arch=small-cnn"] if method == "lbgat" else [])]
     cfg = load_config(DEMO, overrides)
     metrics = train(cfg, tmp_path / "full", echo=False)
     assert math.isfinite(metrics["loss"]) and metrics["clean_acc"] > 0.2
@@ -342,3 +373,41 @@ def test_mart_and_lbgat_train_on_the_digits_and_resume_exactly(method, tmp_path,
         other = cut[part] if part == "model" else cut[part]["model"]
         assert all(torch.equal(v, other[k]) for k, v in state.items()), part
     assert (full["natural"] is None) == (method != "lbgat")
+
+
+LEGACY_LOSS = {"method": "mart", "alpha": 4.0, "beta": 6.0, "gamma": 1.0, "temperature": 1.0,
+               "prior_temperature": 4.0, "prior_momentum": 1.0, "prior_update": "epoch",
+               "label_smoothing": 0.0, "natural_arch": "preact-resnet-18"}
+
+
+def test_a_run_folder_from_before_method_sections_resumes_and_evaluates(tmp_path, monkeypatch):
+    """A MART run whose config.yaml and last.pt hold the previous version's flat loss keys (every
+    key, for every method): `advgkl train --resume` continues it with the loss form it trained
+    with, and `advgkl eval` scores it."""
+    import json
+
+    import yaml
+
+    from advgkl.checkpoint import save_checkpoint
+    from advgkl.cli import main
+
+    cfg = load_config(DEMO, ["train.epochs=2", "attack.steps=1", "eval.pgd_steps=1",
+                             "eval.val_size=64", "loss.method=mart", "loss.mart.form=exact"])
+    run = tmp_path / "old"
+    crash_after_epoch_1(cfg, run, monkeypatch)
+    legacy = yaml.safe_load((run / "config.yaml").read_text())
+    legacy["loss"] = dict(LEGACY_LOSS)
+    legacy["attack"].update(alpha=1.0, beta=1.0, gamma=1.0)
+    (run / "config.yaml").write_text(yaml.safe_dump(legacy))
+    ckpt = load_checkpoint(run / "last.pt")
+    save_checkpoint(run / "last.pt", {**ckpt, "config": legacy})
+
+    assert main(["train", "--resume", str(run)]) == 0
+    resumed = load_checkpoint(run / "last.pt")
+    assert resumed["epoch"] == 2
+    assert resumed["config"]["loss"] == {"method": "mart", "mart": {
+        "beta": 6.0, "form": "exact", "label_smoothing": 0.0}}
+    assert main(["eval", str(run / "last.pt"), "--quick", "pgd-1", "--n-examples", "10",
+                 "--out", str(tmp_path / "res")]) == 0
+    record = json.loads((tmp_path / "res" / "digits" / "Linf" / "old.pgd-1.json").read_text())
+    assert "NOT the authors' form" in record["training"]["method"]

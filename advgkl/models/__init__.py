@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from advgkl.models.resnet import PreActResNet18, SmallCNN
+from advgkl.models.resnet import MobileNetV2, PreActResNet18, ResNet18, SmallCNN
 from advgkl.models.wide_resnet import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
                                        DMWideResNet, WideResNet)
 
@@ -19,6 +19,9 @@ _LISTED_WRNS = ("wrn-10-1", "wrn-16-4", "wrn-28-10", "wrn-34-10", "wrn-34-20", "
                 "wrn-10-1-swish", "wrn-28-10-swish", "wrn-70-16-swish")
 _FIXED: dict[str, Callable[..., nn.Module]] = {
     "preact-resnet-18": PreActResNet18,
+    "resnet-18": ResNet18,
+    "resnet-18-lbgat": lambda num_classes: ResNet18(num_classes, strides=(1, 1, 2, 2)),
+    "mobilenet-v2": MobileNetV2,
     "small-cnn": SmallCNN,
 }
 

@@ -1,0 +1,91 @@
+"""How a config's values reach its method: a flat `loss.<key>` belongs to the method named beside
+it, a config file's method-bound values stay with the file's method when the command line switches
+method, `auto` attack values become the method's own, and values the run does not use are reset
+(refused when a user set them to something else)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+from advgkl.errors import ConfigError
+from advgkl.methods import DISTILLATION, METHOD_NAMES, METHODS
+
+# The attack's method-bound keys: a config file's values belong to the file's method.
+ATTACK_BOUND = ("objective", "random_start", "alpha", "beta", "gamma")
+GKL_ATTACK_WEIGHTS = ("alpha", "beta", "gamma")
+
+
+def bind(key: str, method: str) -> str:
+    """A flat `loss.<key>` is the key of `method`'s section."""
+    parts = key.split(".")
+    if len(parts) == 2 and parts[0] == "loss" and parts[1] not in ("method", *METHOD_NAMES):
+        return f"loss.{method}.{parts[1]}"
+    return key
+
+
+def last_method(items: list[tuple[str, Any]], default: str) -> str:
+    methods = [v for k, v in items if k == "loss.method"]
+    if methods and methods[-1] not in METHOD_NAMES:
+        raise ConfigError(f"loss.method: {methods[-1]!r} is not one of {', '.join(METHOD_NAMES)}")
+    return methods[-1] if methods else default
+
+
+def method_bound(key: str, method: str) -> bool:
+    parts = key.split(".")
+    return (parts[0] == "attack" and len(parts) == 2 and parts[1] in ATTACK_BOUND) or \
+        (parts[0] == "loss" and len(parts) == 3 and parts[1] == method)
+
+
+def _default(obj: Any, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(obj) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _drop_unused(obj: Any, names: Iterable[str], prefix: str, why: str, explicit: set[str],
+                 saved: bool) -> None:
+    """Reset fields the run does not use; one a user set to another value is an error."""
+    for name in names:
+        key = f"{prefix}.{name}"
+        if key in explicit and getattr(obj, name) != _default(obj, name) and not saved:
+            raise ConfigError(f"{key}: {getattr(obj, name)!r} is not used: {why}")
+        setattr(obj, name, _default(obj, name))
+
+
+def resolve_method(cfg: Any, explicit: set[str], saved: bool) -> None:
+    """The method's own attack for `auto`, its teacher rules; unused values reset."""
+    loss, attack, method = cfg.loss, cfg.attack, METHODS[cfg.loss.method]
+    name = loss.method
+    if attack.objective == "auto":
+        attack.objective = method.attack_objective(cfg.data.dataset)
+    if attack.random_start == "auto":
+        attack.random_start = method.start
+    if attack.objective in ("teacher_kl", "adaad") and not method.teacher:
+        raise ConfigError(f"attack.objective: {attack.objective} attacks through a teacher; "
+                          f"method {name} has none")
+    student_prior = (loss.settings.prior() or {}).get("source") == "student"
+    if attack.objective == "gkl" and not student_prior:
+        raise ConfigError(f"attack.objective: gkl weighs by the class prior of the trained model, "
+                          f"which method {name} does not keep (use it with gkl or ikl)")
+    if attack.objective != "gkl":
+        _drop_unused(attack, GKL_ATTACK_WEIGHTS, "attack",
+                     f"only attack.objective gkl has it (this run attacks with "
+                     f"{attack.objective})", explicit, saved)
+    _drop_unused(loss.settings, loss.settings.unused(), f"loss.{name}",
+                 f"switched off by the other loss.{name} values", explicit, saved)
+    for other in METHOD_NAMES:
+        if other != name:
+            setattr(loss, other, METHODS[other].settings())
+    if method.teacher and not cfg.distill.teacher:
+        raise ConfigError(f"distill.teacher: method {name} distils a teacher; give an advgkl "
+                          "checkpoint or robustbench:<dataset>/<threat>/<name>")
+    if not method.teacher:
+        if cfg.distill.teacher:
+            raise ConfigError(f"distill.teacher: method {name} trains without a teacher; remove "
+                              f"it, or choose one of {', '.join(DISTILLATION)}")
+        cfg.distill = type(cfg.distill)()
+    if cfg.awp.gamma > 0 and not method.awp:
+        raise ConfigError(f"awp.gamma: method {name} runs without AWP; set awp.gamma=0")
+    if cfg.data.two_view and not method.two_view:
+        raise ConfigError(f"data.two_view: method {name} trains on one view; set "
+                          "data.two_view=false")

@@ -1,0 +1,29 @@
+"""Small tools several test files share."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def assert_states_close(ours, theirs, what, bound=1e-12):
+    """Every floating tensor of the state dict `theirs` equals `ours` to `bound`, relative to its
+    largest entry (integer BatchNorm step counters are skipped: unused in eval mode)."""
+    for key, value in theirs.items():
+        if not ours[key].is_floating_point():
+            continue
+        err = (ours[key] - value).abs().max() / value.abs().max().clamp_min(1e-30)
+        assert err <= bound, f"{what} {key}: relative difference {err:.3g}"
