@@ -27,6 +27,14 @@ class Settings:
         """The class prior this method keeps: whose clean softmax feeds it, and how."""
         return None
 
+    def teacher_on_clean(self) -> bool:
+        """A distillation method's step needs the teacher's logits on the clean batch."""
+        return True
+
+    def caveat(self) -> str:
+        """What logs and records must say about these values, if anything."""
+        return ""
+
 
 @dataclass
 class PgdAtSettings(Settings):
@@ -47,6 +55,10 @@ class MartSettings(Settings):
                     "1e-12), 1.0000001 - p_y; exact: log(1 - p) computed stably (not the "
                     "published form; every record says so)")
     label_smoothing: float = opt(0.0, ge=0, lt=1, doc="smoothing of the adversarial CE's labels")
+
+    def caveat(self) -> str:
+        return (" -- NOT the authors' form (log(1 - p) without their constants)"
+                if self.form == "exact" else "")
 
 
 @dataclass
@@ -125,6 +137,10 @@ class AdaadSettings(GklDivergence):
     alpha: float = opt(1.0, ge=0, le=1, doc="weight of D(teacher(x_adv), student(x_adv)); "
                        "1 - alpha weighs D(teacher(x), student(x))")
 
+    def teacher_on_clean(self) -> bool:
+        """Only for the clean term (alpha < 1) or the class prior of divergence gkl."""
+        return self.alpha < 1 or self.prior() is not None
+
 
 @dataclass
 class GklKdSettings(Settings):
@@ -195,22 +211,11 @@ def settings_fields(method: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(METHODS[method].settings)}
 
 
-def teacher_on_clean(method: str, settings: Settings) -> bool:
-    """Whether a step needs the teacher's logits on the clean batch (AdaAD only for its clean
-    term or its class prior; ARD, RSLAD and GKL-KD always)."""
-    if not METHODS[method].teacher:
-        return False
-    if method == "adaad":
-        return settings.alpha < 1 or settings.prior() is not None
-    return True
-
-
 def describe(method: str, settings: Settings) -> str:
     """One line naming the method and its values, for logs and evaluation records."""
     values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
               if f.name not in settings.unused()}
     text = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in values.items())
-    note = (" -- NOT the authors' form (log(1 - p) without their constants)"
-            if method == "mart" and settings.form == "exact" else "")
-    return f"{METHODS[method].title}: {text}{note}" if text else METHODS[method].title
+    return (f"{METHODS[method].title}: {text}{settings.caveat()}" if text
+            else METHODS[method].title)

@@ -22,7 +22,7 @@ from advgkl.awp import AWP
 from advgkl.config import Config
 from advgkl.data import random_crop_flip, to_unit_float
 from advgkl.ema import EpochAverage, WeightEMA
-from advgkl.methods import METHODS, teacher_on_clean
+from advgkl.methods import METHODS
 from advgkl.objectives import Logits, build_objective, two_view_terms
 from advgkl.priors import ClassPrior
 
@@ -121,7 +121,7 @@ class TrainStep:
         self.epoch_avg = (EpochAverage(self.model, tau=cfg.train.epoch_avg_tau,
                                        start=cfg.train.epoch_avg_start)
                           if cfg.train.epoch_avg_tau > 0 else None)
-        self.teacher_on_clean = teacher_on_clean(cfg.loss.method, cfg.loss.settings)
+        self.teacher_on_clean = self.method.teacher and cfg.loss.settings.teacher_on_clean()
 
     def _teacher_logits(self, x: Tensor) -> Tensor:
         with torch.no_grad():
