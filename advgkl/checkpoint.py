@@ -100,7 +100,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, what: st
         if value.shape != state_dict[key].shape:
             hint = (" (a different number of classes?)"
                     if key.endswith(("fc.weight", "fc.bias", "logits.weight", "logits.bias",
-                                     "linear.weight", "linear.bias", "head.weight", "head.bias"))
+                                     "linear.weight", "linear.bias", "head.weight", "head.bias",
+                                     "classifier.weight", "classifier.bias"))
                     else " (a different architecture?)")
             raise CheckpointError(f"{what}: {key} has shape {tuple(state_dict[key].shape)}, the "
                                   f"model expects {tuple(value.shape)}{hint}")

@@ -32,10 +32,22 @@ RANDOM_STARTS = ("auto", "normal", "uniform", "uniform_unclamped", "none")
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("cifar10", choices=("cifar10", "cifar100", "digits"))
-    root: str = opt("data", doc="folder holding the torchvision data sets")
+    dataset: str = opt("cifar10", choices=("cifar10", "cifar100", "digits", "imagenet", "folder"),
+                       doc="imagenet / folder: an image-folder tree ROOT/train|val/<class>/<image>"
+                       " streamed from disk (imagenet: the 1000 wnid folders, RobustBench's "
+                       "labels and points)")
+    root: str = opt("data", doc="folder holding the torchvision data sets, or ROOT of an "
+                    "image-folder tree")
+    shards: str = opt("", doc="image-folder data: train from the tar shards `advgkl data shards` "
+                      "wrote into this folder instead of ROOT/train; empty: the folder")
+    image_size: int = opt(224, ge=8, doc="image-folder data: side of the training crop")
+    preprocessing: str = opt("Res256Crop224", doc="image-folder data: the evaluation "
+                             "preprocessing (RobustBench's names: Res256Crop224, "
+                             "BicubicRes256Crop224, Crop288, Res224; other sizes as Res40Crop32)")
     download: bool = opt(False, doc="let torchvision download a missing data set")
-    augment: str = opt("basic", choices=("none", "basic", "autoaugment", "cutout"))
+    augment: str = opt("basic", choices=("none", "basic", "autoaugment", "cutout", "imagenet"),
+                       doc="imagenet (image-folder data): timm's RandomResizedCrop + flip + "
+                       "colour jitter; none: the evaluation preprocessing")
     two_view: bool = opt(False, doc="train on a basic view and an `augment` view of each image")
     aug_weight: float = opt(1.0, ge=0, doc="weight of the augmented view's robust term")
     num_workers: int = opt(4, ge=0)
@@ -49,7 +61,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("wrn-34-10", doc="registered architecture name")
+    arch: str = opt("wrn-34-10", doc="registered architecture name, or timm:<name> for any timm "
+                    "model (random weights; see model.init)")
+    normalize: bool = opt(True, doc="timm:<name> models: ImageNet's mean and std inside the model")
+    init: str = opt("", doc="initial weights: a timm or safetensors file, an advgkl checkpoint, or "
+                    "robustbench:<dataset>/<threat>/<name>; loaded strictly before the run "
+                    "folder exists; empty: random")
+    model_dir: str = opt("models", doc="RobustBench's weights folder for a robustbench: init")
 
 
 @dataclass

@@ -105,6 +105,12 @@ def to_unit_float(images: Tensor) -> Tensor:
     return images.to(torch.get_default_dtype()).div(255)
 
 
+def as_float(images: Tensor) -> Tensor:
+    """uint8 images -> floats in [0, 1] (`to_unit_float`); float images are returned as they are.
+    Evaluation points of image folders stay uint8 until their batch is attacked."""
+    return to_unit_float(images) if images.dtype == torch.uint8 else images
+
+
 def image_transform(augment: str, size: int) -> Callable[[Tensor], Tensor]:
     """uint8 (3, H, W) -> float (3, H, W) in [0, 1], with `augment` applied."""
     to_float = to_unit_float

@@ -21,3 +21,12 @@ def check_plain_name(name: str, what: str) -> None:
             any(ord(c) < 32 for c in name):
         raise ConfigError(f"{what}: {name!r} must be a plain name (no / or \\, not . or ..), "
                           "since it names a file or folder")
+
+
+def worker_message(message: str) -> str:
+    """A user error raised in a DataLoader worker reaches the main process wrapped in "Caught
+    UserError in DataLoader worker process N" and the worker's traceback: its own message back."""
+    if not message.startswith("Caught ") or "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split("Error: ", 1)[-1]

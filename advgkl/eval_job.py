@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from advgkl.checkpoint import default_weights, load_checkpoint, model_from_checkpoint
-from advgkl.data import NUM_CLASSES, load_split, to_unit_float
+from advgkl.data import NUM_CLASSES, as_float, load_split, to_unit_float
 from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import (APGD_ONLY, EvalResult, check_eps, evaluate_autoattack, evaluate_pgd,
                              merge_results, resolve_attacks)
 from advgkl.eval_speed import probe_batch_size, speed_up
+from advgkl.folders import (FOLDER_DATASETS, check_preprocessing, default_points, folder_classes,
+                            load_points)
 from advgkl.leaderboard import detailed_record, model_info, sha256_file, write_new
 
 
@@ -32,8 +35,8 @@ from advgkl.leaderboard import detailed_record, model_info, sha256_file, write_n
 class EvalJob:
     checkpoint: str | None              # an advgkl checkpoint, or None with `robustbench`
     dataset: str | None = None
-    n_examples: int = 10_000
-    eps: float = 8 / 255
+    n_examples: int | None = None       # None: 5,000 on ImageNet (RobustBench's), else 10,000
+    eps: float | None = None            # None: 4/255 on ImageNet, else 8/255 (Linf)
     norm: str = "Linf"
     version: str = "standard"
     attacks: list[str] | None = None
@@ -45,7 +48,8 @@ class EvalJob:
     out: str = "results"
     weights: str = "auto"
     device: str = "auto"
-    data_root: str = "data"
+    data_root: str | None = None        # None: "data", or an image folder's training root
+    preprocessing: str | None = None    # image folders: None = the model's own (recorded)
     shard: tuple[int, int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     robustbench: str | None = None      # a RobustBench model-zoo entry instead of a checkpoint
@@ -71,6 +75,8 @@ class Subject:
     selection: dict | None
     name: str                           # the default record name
     training: dict | None = None        # how the checkpoint was trained: method, teacher
+    preprocessing: str | None = None    # image folders: the model's evaluation preprocessing
+    data_root: str | None = None        # image folders: the tree evaluated (ROOT with ROOT/val)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -132,12 +138,15 @@ def _quick_pgd(quick: str) -> tuple[str, int]:
 
 def check_job(job: EvalJob) -> None:
     """Every option of `job` that can be checked without the checkpoint or the data."""
-    check_eps(job.eps, job.norm)
+    if job.eps is not None:
+        check_eps(job.eps, job.norm)
+    if job.preprocessing is not None:
+        check_preprocessing(job.preprocessing)
     if job.model_name is not None:
         check_plain_name(job.model_name, "--model-name")
     if (job.checkpoint is None) == (job.robustbench is None):
         raise UserError("give a CHECKPOINT or --robustbench NAME (one of them)")
-    if job.n_examples < 1 or (job.batch_size is not None and job.batch_size < 1):
+    if any(v is not None and v < 1 for v in (job.n_examples, job.batch_size)):
         raise UserError("--n-examples and --batch-size must be at least 1")
     if job.precision == "bf16" and job.quick is not None:
         raise UserError("--precision bf16 is a screening mode of AutoAttack; not with --quick")
@@ -187,7 +196,7 @@ def write_records(result: EvalResult, base: dict, paths: dict[str, Path],
         result, dataset=base["dataset"], arch=base["architecture"], checkpoint=base["checkpoint"],
         checkpoint_sha256=base["checkpoint_sha256"], weights=base["weights"],
         config=base["config"]),
-        **{key: base.get(key) for key in ("selection", "training", "speed",
+        **{key: base.get(key) for key in ("selection", "training", "speed", "data",
                                           "flags_vs_reference")}}
     write_new(paths["detailed"], json.dumps(detailed, indent=2) + "\n")
     if "info" in paths:
@@ -216,23 +225,55 @@ def _subject(job: EvalJob) -> Subject:
         dataset = job.dataset or "cifar10"
         model, zoo = load_zoo_model(job.robustbench, dataset=dataset, threat=job.norm,
                                     model_dir=job.model_dir)
-        return Subject(model, dataset, type(model).__name__,
+        inner = getattr(model, "model", model)   # behind RobustBench's normalize_model
+        return Subject(model, dataset, type(inner).__name__,
                        f"robustbench:{dataset}/{job.norm}/{job.robustbench}",
-                       zoo["weights_sha256"], "zoo", {"robustbench": zoo}, None, job.robustbench)
+                       zoo["weights_sha256"], "zoo", {"robustbench": zoo}, None, job.robustbench,
+                       preprocessing=zoo["preprocessing"], data_root=job.data_root)
     ckpt = load_checkpoint(job.checkpoint)
     config = ckpt.get("config") or {}
-    dataset = job.dataset or config.get("data", {}).get("dataset")
-    if dataset not in NUM_CLASSES:
-        raise UserError(f"--dataset: give one of {', '.join(NUM_CLASSES)} (the checkpoint "
-                        "does not say which data it was trained on)")
-    if NUM_CLASSES[dataset] != ckpt.get("num_classes"):
+    data = config.get("data") or {}
+    dataset = job.dataset or data.get("dataset")
+    if dataset not in (*NUM_CLASSES, *FOLDER_DATASETS):
+        raise UserError(f"--dataset: give one of {', '.join((*NUM_CLASSES, *FOLDER_DATASETS))} "
+                        "(the checkpoint does not say which data it was trained on)")
+    root = job.data_root or (data.get("root") if dataset == data.get("dataset") else None)
+    classes = (folder_classes(dataset, root) if dataset in FOLDER_DATASETS
+               else NUM_CLASSES[dataset])
+    if classes is not None and classes != ckpt.get("num_classes"):
         raise UserError(f"the checkpoint has {ckpt.get('num_classes')} classes, {dataset} has "
-                        f"{NUM_CLASSES[dataset]}")
+                        f"{classes}")
     weights = default_weights(ckpt) if job.weights == "auto" else job.weights
     model = model_from_checkpoint(ckpt, what=job.checkpoint, weights=weights)
     return Subject(model, dataset, ckpt["arch"], job.checkpoint, sha256_file(job.checkpoint),
                    weights, config, selection_of(ckpt, job.checkpoint),
-                   Path(job.checkpoint).resolve().parent.name, training_of(ckpt))
+                   Path(job.checkpoint).resolve().parent.name, training_of(ckpt),
+                   preprocessing=data.get("preprocessing"), data_root=root)
+
+
+def _points(job: EvalJob, subject: Subject, first: int, end: int) -> tuple[Tensor, Tensor, dict]:
+    """Points [first, end) of the test set: floats for the in-memory sets, uint8 after the
+    model's preprocessing for image folders; and what the records say about them."""
+    dataset = subject.dataset
+    if dataset not in FOLDER_DATASETS:
+        if job.preprocessing:
+            raise UserError(f"--preprocessing is for image folders (imagenet, folder); {dataset} "
+                            "images are used as they are")
+        test = load_split(dataset, train=False, root=job.data_root or "data")
+        if job.n_examples > len(test.labels):
+            raise UserError(f"--n-examples {job.n_examples} is more than the {len(test.labels)} "
+                            f"test images of {dataset}")
+        return to_unit_float(test.images[first:end]), test.labels[first:end], {}
+    prep = job.preprocessing or subject.preprocessing
+    if prep is None:
+        raise UserError(f"--preprocessing: {subject.checkpoint} does not say how its images are "
+                        "preprocessed; give one (e.g. Res256Crop224)")
+    root = subject.data_root or "data"
+    points = load_points(root, dataset, end, prep, first=first)
+    return points.images, points.labels, {"preprocessing": prep, "data_root": str(root),
+                                          "points": ("RobustBench's ImageNet ids"
+                                                     if dataset == "imagenet" else
+                                                     "ROOT/val in sorted order")}
 
 
 def training_of(ckpt: dict) -> dict | None:
@@ -258,10 +299,9 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     subject = _subject(job)
     device = _device(job.device)
     model, dataset = subject.model.to(device).eval(), subject.dataset
-    test = load_split(dataset, train=False, root=job.data_root)
-    if job.n_examples > len(test.labels):
-        raise UserError(f"--n-examples {job.n_examples} is more than the {len(test.labels)} "
-                        f"test images of {dataset}")
+    default_eps = (4 if dataset == "imagenet" else 8) / 255
+    job = replace(job, eps=default_eps if job.eps is None else job.eps,
+                  n_examples=job.n_examples or default_points(dataset, subject.data_root))
     shard = job.shard or _torchrun_shard()
     if job.compare_with and shard:
         raise UserError("--compare-with compares whole evaluations; compare the merged record")
@@ -271,6 +311,9 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     if shard and job.shard is None and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=timedelta(hours=48))  # a shard of AutoAttack takes hours
+    first, end = 0, job.n_examples
+    if shard:
+        first, end = shard[0] * job.n_examples // shard[1], (shard[0] + 1) * job.n_examples // shard[1]
     name = job.model_name or subject.name
     out_dir = Path(job.out) / dataset / job.norm
     kind = job.quick or (job.version if job.precision == "fp32" else f"{job.version}-bf16")
@@ -280,18 +323,15 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
         if path.exists():
             raise UserError(f"{path} already exists; pick another --model-name or --out "
                             "(nothing was overwritten)")
+    x, y, points = _points(job, subject, first, end)  # read before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     log = paths.get("log")
     if log is not None and not (state and Path(state).exists()):
         partial_log(log).unlink(missing_ok=True)  # a stopped run's log, with nothing to continue
 
-    first, end = 0, job.n_examples
-    if shard:
-        first, end = shard[0] * job.n_examples // shard[1], (shard[0] + 1) * job.n_examples // shard[1]
-    x, y = to_unit_float(test.images[first:end]), test.labels[first:end]
     model, speed = speed_up(model, device, channels_last=job.channels_last, compile=job.compile,
                             cudnn_benchmark=job.cudnn_benchmark)
-    batch = job.batch_size or probe_batch_size(model, x, device, limit=len(y))
+    batch = job.batch_size or probe_batch_size(model, as_float(x[:1]), device, limit=len(y))
     speed.update(batch_size=batch, batch_size_probed=job.batch_size is None,
                  precision=job.precision)
     result = _run(job, model, x, y, device, first, log and partial_log(log), state, batch)
@@ -299,6 +339,7 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
         result, dataset=dataset, arch=subject.arch, checkpoint=subject.checkpoint,
         checkpoint_sha256=subject.sha256, weights=subject.weights, config=subject.config),
         "selection": subject.selection, "training": subject.training, "speed": speed,
+        "data": points or None,
         "flags_vs_reference": (compare_flags(result, job.compare_with) if job.compare_with
                                else None)}
     if shard is None:

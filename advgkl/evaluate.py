@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from advgkl.attacks import PGDAttack
 from advgkl.config import linf_size_problem
+from advgkl.data import as_float
 from advgkl.errors import UserError
 
 # pyautoattack is imported where it is used, so training (which reuses the quick PGD evaluation)
@@ -176,7 +177,7 @@ def _run_checks(adversary, x: Tensor, y: Tensor, batch_size: int) -> int:
     """The checks of `run_standard_evaluation`, on its first batch, as it runs them."""
     from pyautoattack import checks
 
-    xb, yb = x[:batch_size].to(adversary.device), y[:batch_size].to(adversary.device)
+    xb, yb = as_float(x[:batch_size]).to(adversary.device), y[:batch_size].to(adversary.device)
     if adversary.version != "rand":
         checks.check_randomized(adversary.get_logits, xb, yb, bs=batch_size,
                                 logger=adversary.logger)
@@ -235,7 +236,7 @@ class _Bf16Model(nn.Module):
 def _clean_flags(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device) -> Tensor:
     flags = torch.zeros(len(y), dtype=torch.bool)
     for i in range(0, len(y), batch_size):
-        pred = model(x[i:i + batch_size].to(device)).argmax(1).cpu()
+        pred = model(as_float(x[i:i + batch_size]).to(device)).argmax(1).cpu()
         flags[i:i + batch_size] = pred == y[i:i + batch_size].cpu()
     return flags
 
@@ -248,6 +249,7 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
                         label: str | None = None, precision: str = "fp32") -> EvalResult:
     """AutoAttack (pyautoattack) on (x, y): clean and robust accuracy, accuracy after each attack
     in order, seconds per attack, robust flags per point, and the flags AutoAttack's checks raise.
+    `x` holds floats in [0, 1] or uint8 images (converted batch by batch, as ToTensor would).
     The model runs in eval mode, fp32, without autocast; `precision="bf16"` runs the network
     under bf16 autocast instead (AutoAttack's own arithmetic stays fp32), a NON-STANDARD
     screening labelled so. With `state_path`, progress is saved
@@ -312,7 +314,7 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
                     if k < current["batches_done"]:
                         continue
                     start = time.perf_counter()
-                    _, y_adv = adversary.run_standard_evaluation(x[idx], y[idx],
+                    _, y_adv = adversary.run_standard_evaluation(as_float(x[idx]), y[idx],
                                                                  batch_size=batch_size)
                     robust[idx[y_adv.cpu() != y[idx].cpu()]] = False
                     current["seconds"] += time.perf_counter() - start
@@ -357,7 +359,7 @@ def evaluate_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
     clean = _clean_flags(model, x, y, batch_size, device)
     robust = clean.clone()
     for i in tqdm(range(0, len(y), batch_size), desc=name, disable=not progress):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        xb, yb = as_float(x[i:i + batch_size]).to(device), y[i:i + batch_size].to(device)
         with torch.no_grad():
             pred = model(attack(model, xb, yb)).argmax(1)
         robust[i:i + batch_size] &= (pred == yb).cpu()

@@ -15,7 +15,7 @@ from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import EvalResult
 from advgkl.models import WRN_PATTERN
 
-LEADERBOARD_N = 10_000
+LEADERBOARD_N = {"imagenet": 5_000}   # RobustBench's points per board; 10,000 elsewhere
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -32,10 +32,17 @@ def eps_text(eps: float, norm: str) -> str:
     return f"{k}/255" if norm == "Linf" and k / 255 == eps else f"{eps:g}"
 
 
+def leaderboard_points(dataset: str) -> int:
+    return LEADERBOARD_N.get(dataset, 10_000)
+
+
 def architecture_name(arch: str) -> str:
-    """RobustBench's display name: wrn-34-10 -> WideResNet-34-10."""
+    """RobustBench's display name: wrn-34-10 -> WideResNet-34-10, convstem-convnext-t ->
+    ConvNeXt-T + ConvStem, timm:convnext_base -> convnext_base."""
+    from advgkl.models.imagenet import display_name
+
     match = WRN_PATTERN.fullmatch(arch)
-    return f"WideResNet-{match.group(1)}-{match.group(2)}" if match else arch
+    return f"WideResNet-{match.group(1)}-{match.group(2)}" if match else display_name(arch)
 
 
 def model_info(result: EvalResult, *, dataset: str, arch: str,
@@ -44,7 +51,7 @@ def model_info(result: EvalResult, *, dataset: str, arch: str,
     if not result.standard:
         raise UserError(f"{result.label} is not standard AutoAttack; RobustBench's model_info "
                         "needs version standard")
-    return {"link": meta.get("link") or "", "name": meta.get("name") or "",
+    info = {"link": meta.get("link") or "", "name": meta.get("name") or "",
             "authors": meta.get("authors") or "",
             "additional_data": bool(meta.get("additional_data", False)),
             "number_forward_passes": 1, "dataset": dataset, "venue": meta.get("venue") or "",
@@ -52,6 +59,11 @@ def model_info(result: EvalResult, *, dataset: str, arch: str,
             "clean_acc": f"{100 * result.clean_acc:.2f}", "reported": meta.get("reported") or "",
             "autoattack_acc": f"{100 * result.robust_acc:.2f}",
             "footnote": meta.get("footnote") or ""}
+    if dataset == "imagenet":   # the ImageNet board's records add `unreliable`, footnote optional
+        info["unreliable"] = False
+        if not info["footnote"]:
+            del info["footnote"]
+    return info
 
 
 def detailed_record(result: EvalResult, *, dataset: str, arch: str, checkpoint: str | None,
@@ -84,10 +96,11 @@ def write_new(path: Path, text: str) -> None:
                         "(nothing was overwritten)") from None
 
 
-def zoo_entry(name: str, constructor: str, dataset: str) -> str:
+def zoo_entry(name: str, constructor: str, dataset: str, preprocessing: str | None = None) -> str:
+    prep = f"    'preprocessing': '{preprocessing}',\n" if preprocessing else ""
     return (f"# Add to robustbench/model_zoo/{dataset}.py, in the Linf (or L2) OrderedDict:\n"
             f"('{name}', {{\n    'model': lambda: {constructor},\n"
-            f"    'gdrive_id': '<upload {name}.pt and put its file id here>',\n}}),\n")
+            f"    'gdrive_id': '<upload {name}.pt and put its file id here>',\n{prep}}}),\n")
 
 
 def new_model_issue(info: Mapping[str, Any], detailed: Mapping[str, Any], norm: str,
@@ -95,7 +108,8 @@ def new_model_issue(info: Mapping[str, Any], detailed: Mapping[str, Any], norm: 
     per_attack = "\n".join(f"  - after {a['attack']}: {100 * a['robust_acc']:.2f} % "
                            f"({a['seconds']:.0f} s)" for a in detailed["per_attack"])
     warning = ("\n**PARTIAL evaluation**: only the first "
-               f"{detailed['n_examples']} test points, not 10,000.\n" if partial else "")
+               f"{detailed['n_examples']} test points, not "
+               f"{leaderboard_points(info['dataset']):,}.\n" if partial else "")
     return f"""## New Model: {info['name'] or '<paper title>'}
 {warning}
 - **Paper**: {info['link'] or '<link>'} ({info['venue'] or '<venue>'})
@@ -120,6 +134,7 @@ def export_submission(checkpoint: str | os.PathLike, eval_json: str | os.PathLik
     """Write a RobustBench "New Model" bundle: the weights RobustBench's class loads strictly,
     their sha256, model_info JSON, model-zoo entry and issue text. Returns the weights path."""
     from advgkl.checkpoint import load_checkpoint
+    from advgkl.folders import crop_size
     from advgkl.models.robustbench import export_for_robustbench, robustbench_constructor
 
     eval_json = Path(eval_json)
@@ -132,25 +147,29 @@ def export_submission(checkpoint: str | os.PathLike, eval_json: str | os.PathLik
     if detailed["checkpoint_sha256"] != sha256_file(checkpoint):
         raise UserError(f"{checkpoint} is not the checkpoint {eval_json.name} evaluated "
                         "(sha256 differs)")
-    partial = detailed["n_examples"] < LEADERBOARD_N
+    needed = leaderboard_points(detailed["dataset"])
+    partial = detailed["n_examples"] < needed
     if partial and not allow_partial:
         raise UserError(f"{eval_json.name} covers {detailed['n_examples']} points, RobustBench "
-                        f"needs {LEADERBOARD_N}; pass --allow-partial to export it marked partial")
+                        f"needs {needed}; pass --allow-partial to export it marked partial")
     out_dir, name = Path(out_dir), eval_json.stem
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} is not empty (nothing was overwritten)")
     ckpt = load_checkpoint(checkpoint)
-    state = export_for_robustbench(ckpt, weights=detailed["weights"])
+    prep = (detailed.get("data") or {}).get("preprocessing")
+    state = export_for_robustbench(ckpt, weights=detailed["weights"],
+                                   image_size=crop_size(prep) if prep else 32)
     if partial:
-        info = {**info, "footnote": (info["footnote"] + " " if info["footnote"] else "")
+        info = {**info, "footnote": (info.get("footnote") + " " if info.get("footnote") else "")
                 + f"PARTIAL: evaluated on {detailed['n_examples']} points."}
     weights_path = out_dir / f"{name}.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(state, weights_path)
     write_new(out_dir / f"{name}.pt.sha256", f"{sha256_file(weights_path)}  {name}.pt\n")
     write_new(out_dir / f"{name}.json", json.dumps(info, indent=2) + "\n")
-    constructor = robustbench_constructor(ckpt["arch"], ckpt["num_classes"])
-    write_new(out_dir / "model_zoo_entry.py", zoo_entry(name, constructor, info["dataset"]))
+    constructor = robustbench_constructor(ckpt["arch"], ckpt["num_classes"],
+                                          ckpt.get("arch_kwargs"))
+    write_new(out_dir / "model_zoo_entry.py", zoo_entry(name, constructor, info["dataset"], prep))
     write_new(out_dir / "new_model_issue.md",
               new_model_issue(info, detailed, detailed["result"]["norm"], partial))
     return weights_path

@@ -41,13 +41,13 @@ class Teacher:
     identity: dict[str, Any]    # source, sha256, and the weights or the zoo entry's file
 
 
-def parse_zoo(spec: str) -> tuple[str, str, str] | None:
+def parse_zoo(spec: str, key: str = "distill.teacher") -> tuple[str, str, str] | None:
     """robustbench:<dataset>/<threat>/<name> -> (dataset, threat, name); None for a file path."""
     if not spec.startswith(ZOO_PREFIX):
         return None
     parts = spec[len(ZOO_PREFIX):].split("/")
     if len(parts) != 3 or not all(parts):
-        raise UserError(f"distill.teacher: {spec!r}: expected robustbench:<dataset>/<threat>/"
+        raise UserError(f"{key}: {spec!r}: expected robustbench:<dataset>/<threat>/"
                         "<name>, e.g. robustbench:cifar10/Linf/Zhang2019Theoretically")
     return parts[0], parts[1], parts[2]
 

@@ -24,24 +24,23 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from advgkl import distributed
 from advgkl.attacks import PGDAttack, attack_schedule
 from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from advgkl.config import Config, config_to_dict, save_config
-from advgkl.data import (NUM_CLASSES, Split, carve_validation, load_split, to_unit_float,
-                         train_dataset)
+from advgkl.data import Split, to_unit_float
 from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import evaluate_pgd
-from advgkl.generated import MixedBatchSampler, open_generated
+from advgkl.init_weights import load_init
 from advgkl.methods import METHODS, describe
 from advgkl.models import create_model
 from advgkl.runlog import RunLog, check_trackers
 from advgkl.schedules import learning_rate
 from advgkl.step import TrainStep
 from advgkl.teacher import Teacher, load_teacher
+from advgkl.train_data import TrainData, epoch_loader, training_data
 
 
 class TrainingError(UserError):
@@ -95,72 +94,18 @@ def build_attack(cfg: Config, epoch: int) -> PGDAttack:
                      bn_train=METHODS[cfg.loss.method].attack_train_mode)
 
 
-def build_model(arch: str, num_classes: int, key: str = "model.arch") -> torch.nn.Module:
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """The architecture's keyword arguments the config sets (saved in checkpoints)."""
+    return {} if cfg.model.normalize or not cfg.model.arch.startswith("timm:") else {
+        "normalize": False}
+
+
+def build_model(arch: str, num_classes: int, key: str = "model.arch",
+                **kwargs: Any) -> torch.nn.Module:
     try:
-        return create_model(arch, num_classes)
+        return create_model(arch, num_classes, **kwargs)
     except ValueError as exc:
         raise UserError(f"{key}: {exc}") from None
-
-
-def check_data_options(cfg: Config) -> None:
-    data = cfg.data
-    if data.device_augment and (data.augment != "basic" or data.two_view):
-        raise UserError("data.device_augment: runs the basic augmentation only; use it with "
-                        "data.augment=basic and data.two_view=false")
-    if not data.generated and (data.generated_fraction or data.epoch_samples):
-        raise UserError("data.generated_fraction and data.epoch_samples need data.generated "
-                        "(a file of generated images)")
-
-
-def check_points(cfg: Config, real: Split) -> tuple[Split, Split | None, str]:
-    """(training images, the per-epoch check's points, their label for the records):
-    eval.check=val holds out eval.val_size training images drawn with train.seed; test takes the
-    first eval.holdout_size TEST points (selection on test data); none: no check."""
-    if cfg.eval.check == "none":
-        return real, None, ""
-    if cfg.eval.check == "test":
-        test = load_split(cfg.data.dataset, train=False, root=cfg.data.root,
-                          download=cfg.data.download)
-        n = min(cfg.eval.holdout_size, len(test.labels))
-        return real, Split(test.images[:n], test.labels[:n]), f"TEST-{n}"
-    if cfg.eval.val_size >= len(real.labels):
-        raise UserError(f"eval.val_size: {cfg.eval.val_size} leaves no training images (the "
-                        f"training set has {len(real.labels)})")
-    rest, val = carve_validation(real, cfg.eval.val_size, cfg.train.seed)
-    return rest, val, f"val-{cfg.eval.val_size}"
-
-
-def training_set(cfg: Config, real: Split, num_classes: int) -> Dataset:
-    """The real training images, followed by the generated images when configured."""
-    kw = {"augment": cfg.data.augment, "two_view": cfg.data.two_view,
-          "on_device": cfg.data.device_augment}
-    dataset = train_dataset(real, **kw)
-    if cfg.data.generated:
-        generated = open_generated(cfg.data.generated, num_classes=num_classes,
-                                   image_size=real.images.shape[-1])
-        dataset = ConcatDataset([dataset, train_dataset(generated, **kw)])
-    return dataset
-
-
-def epoch_loader(cfg: Config, dataset: Dataset, n_real: int, ranks: distributed.DistInfo,
-                 epoch: int, pin_memory: bool) -> DataLoader:
-    """This rank's batches of `epoch`; together the ranks' batches form the global batches a
-    single process would draw."""
-    kw = {"num_workers": cfg.data.num_workers, "pin_memory": pin_memory,
-          "generator": torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)}
-    if cfg.data.generated:
-        batches = MixedBatchSampler(
-            n_real, len(dataset) - n_real, batch_size=cfg.train.batch_size,
-            fraction=cfg.data.generated_fraction, epoch_samples=cfg.data.epoch_samples or n_real,
-            seed=cfg.train.seed, rank=ranks.rank, world=ranks.world)
-        batches.set_epoch(epoch)
-        return DataLoader(dataset, batch_sampler=batches, **kw)
-    # Rank r takes every world-th image of the single-process permutation.
-    sampler = DistributedSampler(dataset, num_replicas=ranks.world, rank=ranks.rank,
-                                 shuffle=True, seed=cfg.train.seed)
-    sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=cfg.train.batch_size // ranks.world, sampler=sampler,
-                      **kw)
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
@@ -173,7 +118,6 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     say) go into train.log."""
     run_dir = Path(run_dir)
     last = run_dir / "last.pt"
-    check_data_options(cfg)
     ranks, device_name = distributed.setup(cfg.train.device)
     if cfg.train.batch_size % ranks.world:
         raise UserError(f"train.batch_size: {cfg.train.batch_size} (the global batch) must divide "
@@ -189,7 +133,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     legacy = ckpt is not None and "check" not in ckpt and cfg.eval.check != "test"
     if legacy:  # a run from before validation splits trained on all images: keep what it did
         cfg.eval.check = "test"
-    num_classes = NUM_CLASSES[cfg.data.dataset]
+    data = training_data(cfg)  # data errors come before the run folder
+    num_classes = data.num_classes
     # Before seeding: the student's initialization and data order do not depend on the teacher.
     teacher = (load_teacher(cfg.distill, dataset=cfg.data.dataset, num_classes=num_classes)
                if METHODS[cfg.loss.method].teacher else None)
@@ -197,13 +142,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         cfg.distill.teacher, cfg.distill.teacher_sha256 = (teacher.identity["source"],
                                                            teacher.identity["sha256"] or "")
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model.arch, num_classes)
+    model = build_model(cfg.model.arch, num_classes, **model_kwargs(cfg))
+    init = (load_init(model, cfg.model.init, arch=cfg.model.arch, model_dir=cfg.model.model_dir)
+            if cfg.model.init and ckpt is None else None)
     natural = (build_model(cfg.loss.lbgat.natural_arch, num_classes, "loss.lbgat.natural_arch")
                if METHODS[cfg.loss.method].natural_model else None)
-    real, check, check_label = check_points(
-        cfg, load_split(cfg.data.dataset, train=True, root=cfg.data.root,
-                        download=cfg.data.download))
-    dataset = training_set(cfg, real, num_classes)  # data errors come before the run folder
     device = device or resolve_device(device_name)
     check_trackers(cfg.run.loggers)
     distributed.barrier(ranks)  # every rank has checked before rank 0 creates the folder
@@ -219,6 +162,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                      project=cfg.run.wandb_project)
         for line in notes:
             log.log(f"note: {line}")
+        if init is not None:
+            log.log(f"initial weights: {init['source']} (sha256 {init['sha256']})")
         parts = TrainStep(cfg, model, num_classes, device, world=ranks.world, note=log.log,
                           natural=natural, teacher=teacher and teacher.module)
         if resume and ckpt is None:
@@ -227,8 +172,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         if legacy:
             log.log(f"{last.name} predates validation splits: its per-epoch check stays on the "
                     "first eval.holdout_size test points, as before")
-        return _run(cfg, run_dir, parts, dataset, len(real.labels), check, check_label, ckpt,
-                    ranks, log, echo, teacher)
+        return _run(cfg, run_dir, parts, data, ckpt, ranks, log, echo, teacher)
     except BaseException:
         if created and not last.exists():  # nothing worth keeping: let the same command rerun
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -255,10 +199,11 @@ def _restore(parts: TrainStep, ckpt: dict, log: RunLog) -> tuple[int, int, float
     return ckpt["epoch"] + 1, ckpt["step"], ckpt["best_robust_acc"]
 
 
-def _run(cfg: Config, run_dir: Path, parts: TrainStep, dataset: Dataset, n_real: int,
-         check: Split | None, check_label: str, ckpt: dict | None, ranks: distributed.DistInfo,
-         log: RunLog, echo: bool, teacher: Teacher | None) -> dict[str, Any]:
+def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: dict | None,
+         ranks: distributed.DistInfo, log: RunLog, echo: bool,
+         teacher: Teacher | None) -> dict[str, Any]:
     device = parts.device
+    dataset, n_real, check, check_label = data.dataset, data.n_real, data.check, data.check_label
     start_epoch, step, best = 1, 0, -1.0
     if ckpt is not None:
         start_epoch, step, best = _restore(parts, ckpt, log)
@@ -271,6 +216,8 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, dataset: Dataset, n_real:
         if teacher is not None:
             log.log(f"teacher: {teacher.identity['source']} ({teacher.identity['arch']}, sha256 "
                     f"{teacher.identity['sha256']}), frozen, eval mode")
+        if data.source:
+            log.log(data.source)
         if cfg.data.generated:
             log.log(f"{n_real} real + {len(dataset) - n_real} generated images from "
                     f"{cfg.data.generated}, {cfg.data.generated_fraction:.0%} generated per batch")
@@ -363,8 +310,9 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
                 f"{100 * result.robust_acc:.2f}% on {check_label} ({weights})"
                 f"{', best' if is_best else ''}")
     arch, num_classes, config = cfg.model.arch, parts.prior.num_classes, config_to_dict(cfg)
+    kwargs = model_kwargs(cfg)
     ckpt = model_checkpoint(
-        parts.model.state_dict(), arch=arch, num_classes=num_classes,
+        parts.model.state_dict(), arch=arch, num_classes=num_classes, arch_kwargs=kwargs,
         ema=parts.ema.state_dict(), optimizer=parts.optimizer.state_dict(),
         prior=parts.prior.state_dict(),
         epoch_avg=parts.epoch_avg.state_dict() if parts.epoch_avg is not None else None,
@@ -375,11 +323,11 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
         metrics=metrics, check=selection)
     if cfg.train.save_every and epoch % cfg.train.save_every == 0:
         save_checkpoint(run_dir / f"epoch-{epoch:03d}.pt", model_checkpoint(
-            parts.model.state_dict(), arch=arch, num_classes=num_classes, epoch=epoch,
+            parts.model.state_dict(), arch=arch, num_classes=num_classes, arch_kwargs=kwargs, epoch=epoch,
             config=config))
     if parts.epoch_avg is not None and parts.epoch_avg.started:
         save_checkpoint(run_dir / "avg.pt", model_checkpoint(
-            parts.epoch_avg.module.state_dict(), arch=arch, num_classes=num_classes, epoch=epoch,
+            parts.epoch_avg.module.state_dict(), arch=arch, num_classes=num_classes, arch_kwargs=kwargs, epoch=epoch,
             config=config, averaged={"tau": parts.epoch_avg.tau, "start": parts.epoch_avg.start,
                                      "end": epoch}))
     if is_best:

@@ -1,10 +1,12 @@
 """Models from RobustBench's model zoo, loaded by RobustBench's own `load_model` (through
 `advgkl.compat`), for the same evaluation as our checkpoints. Weights live where RobustBench
 keeps them, MODEL_DIR/<dataset>/<threat>/<name>.pt; RobustBench downloads a missing file where
-the machine is online."""
+the machine is online. ImageNet entries carry their evaluation preprocessing (e.g.
+BicubicRes256Crop224), which the records keep."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from torch import nn
 from advgkl.compat import import_robustbench
 from advgkl.errors import UserError, first_line
 
-ZOO_DATASETS = ("cifar10", "cifar100")
+ZOO_DATASETS = ("cifar10", "cifar100", "imagenet")
 THREATS = ("Linf", "L2")
 
 
@@ -52,9 +54,13 @@ def load_zoo_model(name: str, *, dataset: str, threat: str, model_dir: str | Pat
                         f"zoo ({len(entries)} entries{hint})")
     path = Path(model_dir) / dataset / threat / f"{name}.pt"
     had_file = path.is_file()
+    new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     try:
         model = load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat)
     except Exception as exc:  # RobustBench's loader raises anything: downloads, files, keys
+        for folder in new_dirs:   # the folders its loader made for the download, if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         if not had_file and not path.is_file():
             raise UserError(f"--robustbench {name}: no weights at {path} and RobustBench could not "
                             f"download them ({first_line(exc)}); put the file there") from None
@@ -65,4 +71,5 @@ def load_zoo_model(name: str, *, dataset: str, threat: str, model_dir: str | Pat
     return model.eval(), {"entry": name, "dataset": dataset, "threat": threat,
                           "weights_file": str(path),
                           "weights_sha256": sha256_file(path) if path.is_file() else None,
+                          "preprocessing": entries[name].get("preprocessing"),
                           "leaderboard": leaderboard_numbers(name, dataset, threat)}

@@ -12,7 +12,9 @@
 #   8. the standard-AutoAttack projection for 10,000 points of WRN-34-10 (bench_aa.py: plain,
 #   channels_last, bf16 on 64 points; not yet run on a GPU, its time is a guess: it goes last,
 #   and steps 1-8 together should stay under the device's 10 minutes per command; the compile
-#   variant of bench_aa needs a run of its own).
+#   variant of bench_aa needs a run of its own); 9. bench_data.py: images/s per loader worker
+#   from an image folder and its shards at 224 px, and a 16-worker loader (the node's CPUs; can
+#   they feed the GPU?), needs timm, webdataset and wids among the wheels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -54,6 +56,8 @@ step bench_distill 100 python3 scripts/bench_distill.py --device cuda --student 
     --json "$OUT/bench_distill.json"
 step bench_aa 220 python3 scripts/bench_aa.py --device cuda --model wrn-34-10 --n 64 \
     --batch-size 64 --variants plain,channels_last,bf16 --json "$OUT/bench_aa.json"
+step bench_data 120 python3 scripts/bench_data.py --images 512 --workers 16 \
+    --json "$OUT/bench_data.json"
 
 echo "failed steps: ${failed[*]:-none}" | tee "$OUT/summary.txt"
 [ ${#failed[@]} = 0 ]

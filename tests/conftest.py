@@ -18,3 +18,13 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(before)
+
+
+@pytest.fixture(scope="session")
+def tree(tmp_path_factory):
+    """An ImageNet-format tree of generated JPEGs (tests/trees.py), shared by the session."""
+    from trees import imagenet_tree
+
+    root = tmp_path_factory.mktemp("imagenet")
+    imagenet_tree(root, n_val=8)
+    return root

@@ -77,3 +77,13 @@ def test_bench_distill_times_every_method_against_trades_and_a_teacher_forward(t
     assert set(rows) == {"teacher-forward", "trades", "ard", "rslad", "rslad-gkl", "gkl-kd",
                          "adaad"}
     assert all("within_bound" in rows[v] for v in ("ard", "rslad", "rslad-gkl", "gkl-kd"))
+
+
+def test_bench_data_runs_and_writes_json(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_data.py"), "--images", "9",
+                           "--json", str(tmp_path / "data.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "data.json").read_text())["rows"]
+    assert {(r["source"], r["transform"].split()[0]) for r in rows} == {
+        ("folder", "train"), ("shards", "train"), ("folder", "eval"), ("shards", "eval")}
+    assert all(r["img_per_s_one_worker"] > 0 for r in rows)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import advgkl.train as train_mod
+import advgkl.train_data as train_data
 from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from advgkl.cli import main
 from advgkl.compat import import_robustbench
@@ -174,7 +174,7 @@ def zoo(tmp_path, monkeypatch):
     weights.parent.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(WideResNet(depth=10, widen_factor=1).state_dict(), weights)
-    monkeypatch.setattr(train_mod, "load_split", fake_cifar10)
+    monkeypatch.setattr(train_data, "load_split", fake_cifar10)
     return weights
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import advgkl.train as train_mod
+import advgkl.train_data as train_data
 from advgkl.average import average_run
 from advgkl.checkpoint import load_checkpoint
 from advgkl.config import load_config
@@ -139,7 +140,7 @@ def authors_run(cfg, batches, num_classes):
                                     "cifar100/gkl_wrn34_10_gamma04.yaml"])
 def test_trainer_equals_a_transcription_of_the_authors_pipeline(config, tmp_path, monkeypatch,
                                                                  float64):
-    monkeypatch.setattr(train_mod, "load_split", saturated_images)
+    monkeypatch.setattr(train_data, "load_split", saturated_images)
     cfg = load_config(ROOT / "configs" / config, OVERRIDES)
     num_classes = NUM_CLASSES[cfg.data.dataset]
     assert cfg.attack.objective == ("gkl" if num_classes == 100 else "kl")
@@ -152,7 +153,7 @@ def test_trainer_equals_a_transcription_of_the_authors_pipeline(config, tmp_path
     dataset = train_dataset(split, augment="none", two_view=False)
 
     def batches(epoch):  # the same images in the same order as the trainer drew them
-        yield from train_mod.epoch_loader(cfg, dataset, N_IMAGES, DistInfo(), epoch, False)
+        yield from train_data.epoch_loader(cfg, dataset, N_IMAGES, DistInfo(), epoch, False)
 
     model, ema, prior, average = authors_run(cfg, batches, num_classes)
     last = load_checkpoint(tmp_path / "run" / "last.pt")

@@ -10,15 +10,19 @@ import pytest
 import torch
 
 import advgkl.train as train_mod
-from advgkl.checkpoint import load_checkpoint
+import advgkl.train_data as train_data
+from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from advgkl.config import load_config
 from advgkl.data import NUM_CLASSES, Split, carve_validation
 from advgkl.ema import WeightEMA
 from advgkl.errors import UserError
+from advgkl.folders import FOLDER_DATASETS
 from advgkl.leaderboard import sha256_file
 from advgkl.methods import METHODS
+from advgkl.models import create_model
 from advgkl.objectives import Objective
 from advgkl.train import TrainingError, learning_rate, train
+from trees import imagenet_tree
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "studies")
@@ -88,9 +92,6 @@ def tiny_overrides(cfg):
 
 def tiny_teacher(path, classes):
     """An advgkl checkpoint standing in for a config's RobustBench teacher (no download here)."""
-    from advgkl.checkpoint import model_checkpoint, save_checkpoint
-    from advgkl.models import create_model
-
     save_checkpoint(path, model_checkpoint(create_model("wrn-10-1", classes).state_dict(),
                                            arch="wrn-10-1", num_classes=classes))
     return path
@@ -99,9 +100,18 @@ def tiny_teacher(path, classes):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_shipped_config_trains_on_a_tiny_model(path, tmp_path, monkeypatch):
     assert path.read_text().startswith("#") and "advgkl train" in path.read_text().split("\n")[1]
-    monkeypatch.setattr(train_mod, "load_split", fake_load_split)
+    monkeypatch.setattr(train_data, "load_split", fake_load_split)
     cfg = load_config(path)
     overrides = tiny_overrides(cfg)
+    if cfg.data.dataset in FOLDER_DATASETS:   # a generated ImageNet tree, a tiny timm model
+        imagenet_tree(tmp_path / "tree", n_val=8, per_class=2)
+        init = tmp_path / "init.pt"
+        save_checkpoint(init, model_checkpoint(
+            create_model("timm:test_efficientnet", 1000).state_dict(),
+            arch="timm:test_efficientnet", num_classes=1000))
+        overrides += [f"data.root={tmp_path / 'tree'}", "data.image_size=32",
+                      "data.preprocessing=Res36Crop32", "model.arch=timm:test_efficientnet",
+                      f"model.init={init}"]
     if cfg.distill.teacher:
         teacher = tiny_teacher(tmp_path / "teacher.pt", NUM_CLASSES[cfg.data.dataset])
         overrides.append(f"distill.teacher={teacher}")
@@ -128,7 +138,7 @@ def test_every_shipped_config_trains_on_a_tiny_model(path, tmp_path, monkeypatch
 
 
 def test_second_train_into_a_run_folder_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "load_split", fake_load_split)
+    monkeypatch.setattr(train_data, "load_split", fake_load_split)
     cfg = load_config(DEMO, ["train.epochs=1", "eval.val_size=4"])
     train(cfg, tmp_path / "run", echo=False)
     before = (tmp_path / "run" / "last.pt").read_bytes()
@@ -138,7 +148,7 @@ def test_second_train_into_a_run_folder_is_refused(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "load_split", fake_load_split)
+    monkeypatch.setattr(train_data, "load_split", fake_load_split)
     cfg = load_config(DEMO, ["train.epochs=3", "train.batch_size=8", "eval.val_size=4"])
     real_call, calls = Objective.__call__, []
 
@@ -225,7 +235,6 @@ def test_demo_learns_robustness_that_plain_training_lacks(tmp_path):
 
 @pytest.mark.parametrize("exempt", [False, True])
 def test_optimizer_weight_decay_groups(exempt):
-    from advgkl.models import create_model
     from advgkl.step import build_optimizer
 
     model = create_model("small-cnn", 10)
@@ -244,7 +253,7 @@ def test_optimizer_weight_decay_groups(exempt):
 
 
 def test_cuda_options_are_ignored_with_a_message_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "load_split", fake_load_split)
+    monkeypatch.setattr(train_data, "load_split", fake_load_split)
     cfg = load_config(DEMO, ["train.epochs=1", "eval.val_size=4", "train.precision=bf16",
                              "train.attack_precision=bf16", "train.channels_last=true",
                              "train.compile=true"])
@@ -338,13 +347,13 @@ def test_validation_split_is_carved_from_training_data_and_fixed_by_the_seed():
 
 
 def test_the_per_epoch_check_never_touches_the_test_set(tmp_path, monkeypatch):
-    real_load = train_mod.load_split
+    real_load = train_data.load_split
 
     def no_test(dataset, *, train, **kw):
         assert train, "the trainer loaded the test split"
         return real_load(dataset, train=train, **kw)
 
-    monkeypatch.setattr(train_mod, "load_split", no_test)
+    monkeypatch.setattr(train_data, "load_split", no_test)
     cfg = load_config(DEMO, ["train.epochs=1", "attack.steps=1", "eval.pgd_steps=1",
                              "eval.val_size=100"])
     metrics = train(cfg, tmp_path / "run", echo=False)
@@ -388,7 +397,6 @@ def test_a_run_folder_from_before_method_sections_resumes_and_evaluates(tmp_path
 
     import yaml
 
-    from advgkl.checkpoint import save_checkpoint
     from advgkl.cli import main
 
     cfg = load_config(DEMO, ["train.epochs=2", "attack.steps=1", "eval.pgd_steps=1",

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from advgkl.models.imagenet import CONVSTEM, TIMM_PREFIX, create_timm
 from advgkl.models.resnet import MobileNetV2, PreActResNet18, ResNet18, SmallCNN
 from advgkl.models.wide_resnet import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
                                        DMWideResNet, WideResNet)
@@ -27,8 +28,9 @@ _FIXED: dict[str, Callable[..., nn.Module]] = {
 
 
 def list_models() -> list[str]:
-    """Registered names; any wrn-<6n+4>-<width>[-swish] is accepted too."""
-    return sorted((*_LISTED_WRNS, *_FIXED))
+    """Registered names; any wrn-<6n+4>-<width>[-swish] and any timm:<timm model> is accepted
+    too."""
+    return sorted((*_LISTED_WRNS, *_FIXED, *CONVSTEM))
 
 
 def dm_normalization(num_classes: int) -> dict[str, Any]:
@@ -52,7 +54,11 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             return WideResNet(depth, width, num_classes, **kwargs)
         if name in _FIXED:
             return _FIXED[name](num_classes=num_classes, **kwargs)
+        if name in CONVSTEM:
+            return CONVSTEM[name][1](num_classes, **kwargs)
+        if name.startswith(TIMM_PREFIX):
+            return create_timm(name[len(TIMM_PREFIX):], num_classes, **kwargs)
     except TypeError as exc:
         raise ValueError(f"{name}: bad keyword arguments {sorted(kwargs)} ({exc})") from None
     raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())} "
-                     "(or any wrn-<6n+4>-<width>[-swish])")
+                     "(or any wrn-<6n+4>-<width>[-swish], or timm:<name> for any timm model)")
