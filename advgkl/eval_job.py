@@ -313,7 +313,8 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
                                 timeout=timedelta(hours=48))  # a shard of AutoAttack takes hours
     first, end = 0, job.n_examples
     if shard:
-        first, end = shard[0] * job.n_examples // shard[1], (shard[0] + 1) * job.n_examples // shard[1]
+        first, end = (shard[0] * job.n_examples // shard[1],
+                      (shard[0] + 1) * job.n_examples // shard[1])
     name = job.model_name or subject.name
     out_dir = Path(job.out) / dataset / job.norm
     kind = job.quick or (job.version if job.precision == "fp32" else f"{job.version}-bf16")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -86,9 +86,10 @@ def scan(root: str | Path, split: str, dataset: str) -> Tree:
         raise UserError(f"{folder}: no class folders in it")
     if dataset == "imagenet" and tuple(classes) != imagenet_wnids():
         odd = sorted(set(classes) - set(imagenet_wnids()))[:3]
+        odd_text = f"; not wnids: {', '.join(odd)}" if odd else ""
         raise UserError(f"{folder}: has {len(classes)} class folders, ImageNet's are the 1000 "
-                        f"wnids (n01440764 ... n15075141){'; not wnids: ' + ', '.join(odd) if odd else ''}"
-                        "; use data.dataset=folder for another tree")
+                        f"wnids (n01440764 ... n15075141){odd_text}; use data.dataset=folder "
+                        "for another tree")
     samples = [(str(folder / name / f), label) for label, name in enumerate(classes)
                for f in sorted(os.listdir(folder / name))
                if f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -165,6 +166,8 @@ def decode(stream, name: str) -> Image.Image:
     try:
         img = Image.open(stream)
         return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: not a readable image (unknown or damaged format)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"{name}: not a readable image ({first_line(exc)})") from None
 
@@ -181,8 +184,8 @@ def check_preprocessing(name: str) -> None:
 
 def preprocessing(name: str, floats: bool = False) -> Callable[[Image.Image], Tensor]:
     """RobustBench's evaluation preprocessing `name` (or the same form at other sizes): PIL ->
-    uint8 (3, H, W), or with `floats` values in [0, 1] as ToTensor gives. `Res256Crop224` = Resize(256) + CenterCrop(224); `BicubicRes256Crop224` the
-    same with bicubic resizing; `Crop288` = CenterCrop(288); `Res224` = Resize((224, 224))."""
+    uint8 (3, H, W), or with `floats` values in [0, 1] as ToTensor gives. `Res256Crop224` =
+    Resize(256) + CenterCrop(224); `BicubicRes256Crop224` the same with bicubic resizing; `Crop288` = CenterCrop(288); `Res224` = Resize((224, 224))."""
     import torchvision.transforms as T
 
     check_preprocessing(name)
@@ -215,7 +218,8 @@ def train_transform(augment: str, size: int, eval_preprocessing: str
         return preprocessing(eval_preprocessing, floats=True)
     from advgkl.models.imagenet import import_timm
 
-    return import_timm().data.create_transform(size, is_training=True, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return import_timm().data.create_transform(size, is_training=True, mean=(0.0, 0.0, 0.0),
+                                               std=(1.0, 1.0, 1.0))
 
 
 class FolderDataset(Dataset):

@@ -323,11 +323,13 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
         metrics=metrics, check=selection)
     if cfg.train.save_every and epoch % cfg.train.save_every == 0:
         save_checkpoint(run_dir / f"epoch-{epoch:03d}.pt", model_checkpoint(
-            parts.model.state_dict(), arch=arch, num_classes=num_classes, arch_kwargs=kwargs, epoch=epoch,
+            parts.model.state_dict(), arch=arch, num_classes=num_classes, arch_kwargs=kwargs,
+            epoch=epoch,
             config=config))
     if parts.epoch_avg is not None and parts.epoch_avg.started:
         save_checkpoint(run_dir / "avg.pt", model_checkpoint(
-            parts.epoch_avg.module.state_dict(), arch=arch, num_classes=num_classes, arch_kwargs=kwargs, epoch=epoch,
+            parts.epoch_avg.module.state_dict(), arch=arch, num_classes=num_classes,
+            arch_kwargs=kwargs, epoch=epoch,
             config=config, averaged={"tau": parts.epoch_avg.tau, "start": parts.epoch_avg.start,
                                      "end": epoch}))
     if is_best:

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from advgkl.folders import FolderDataset, preprocessing, train_transform, training_tree  # noqa: E402
+from advgkl.folders import (FolderDataset, preprocessing, train_transform,  # noqa: E402
+                            training_tree)
 from advgkl.shards import ShardDataset, read_index, write_shards  # noqa: E402
 
 
@@ -79,7 +80,8 @@ def main() -> None:
         mean_kb = np.mean([Path(p).stat().st_size for p, _ in tree.samples]) / 1024
         transforms = {"train 224 (RRC+flip+jitter)":
                       train_transform("imagenet", 224, "Res256Crop224"),
-                      "eval BicubicRes256Crop224": preprocessing("BicubicRes256Crop224", floats=True)}
+                      "eval BicubicRes256Crop224":
+                      preprocessing("BicubicRes256Crop224", floats=True)}
         rows = []
         for tname, transform in transforms.items():
             for source, ds in (("folder", FolderDataset(tree.samples, transform)),

@@ -1,5 +1,8 @@
 """Small tools several test files share."""
 
+import subprocess
+import time
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -27,3 +30,14 @@ def assert_states_close(ours, theirs, what, bound=1e-12):
             continue
         err = (ours[key] - value).abs().max() / value.abs().max().clamp_min(1e-30)
         assert err <= bound, f"{what} {key}: relative difference {err:.3g}"
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (polled), or fail."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the process ended before the moment to kill it"
+        assert time.monotonic() < deadline, "the moment to kill never came"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()

@@ -5,7 +5,6 @@ real SIGKILL (training before its first checkpoint; AutoAttack with --state)."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from advgkl.checkpoint import load_checkpoint
 from advgkl.cli import main
 from advgkl.config import load_config
 from advgkl.train import train
+from helpers import kill_when
 
 ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
@@ -115,17 +115,6 @@ def test_training_that_fails_before_its_first_checkpoint_removes_its_folder(tmp_
     out = cli(*args, "train.epochs=1")
     assert out.returncode == 0, out.stderr
     assert load_checkpoint(tmp_path / "r" / "last.pt")["epoch"] == 1
-
-
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
-    """SIGKILL `proc` as soon as `ready()` holds (polled), or fail."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, "the process ended before the moment to kill it"
-        assert time.monotonic() < deadline, "the moment to kill never came"
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
 
 
 def test_training_killed_before_its_first_checkpoint_resumes_from_epoch_1(tmp_path):

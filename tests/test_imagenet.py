@@ -4,6 +4,8 @@ DDP's share of the images, and bad input (one line, exit 2, nothing written)."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from advgkl.cli import main
 from advgkl.compat import import_robustbench
 from advgkl.folders import FolderDataset, load_points, preprocessing, training_tree
 
-from trees import config, folder_tree, imagenet_tree, one_line_error, write_jpeg
+from helpers import kill_when
+from trees import config, folder_tree, imagenet_tree, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,24 @@ def test_folder_and_shards_train_the_same_weights(trained):
     assert "40 training images of 1000 classes from" in log and "(3 shards)" in log
     index = json.loads((trained / "shards" / "train.json").read_text())
     assert [s["nsamples"] for s in index["shardlist"]] == [16, 16, 16]
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_an_epoch_resumes_bit_identically(trained, tree, tmp_path):
+    """From shards, with loader workers and timm's random transforms: SIGKILL once epoch 1 is
+    saved, `advgkl train --resume`, and the weights equal an uninterrupted 2-epoch run's."""
+    cfg = config(tmp_path, tree, data={"shards": str(trained / "shards")}, train={"epochs": 2})
+    assert main(["train", str(cfg), "run.name=whole"]) == 0
+    run = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "advgkl", "train", str(cfg), "run.name=killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, lambda: "epoch 1:" in ((run / "train.log").read_text()
+                                           if (run / "train.log").exists() else ""))
+    assert main(["train", "--resume", str(run)]) == 0
+    whole, resumed = (torch.load(tmp_path / "runs" / n / "last.pt", weights_only=True)
+                      for n in ("whole", "killed"))
+    assert resumed["epoch"] == 2 and "resumed from" in (run / "train.log").read_text()
+    assert all(torch.equal(v, resumed["model"][k]) for k, v in whole["model"].items())
 
 
 def robustbench_points(root, n, prep):
@@ -158,21 +179,24 @@ def test_bad_folders_are_one_line_and_leave_nothing(case, message, tmp_path, cap
 
 @pytest.mark.slow
 def test_a_corrupt_jpeg_is_named_in_one_line(tmp_path, capsys):
+    """In a loader worker of `advgkl train` (a real process), and among the check's points."""
     root = tmp_path / "pets"
     folder_tree(root)
     bad = root / "train" / "dog" / "3.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     cfg = config(tmp_path, root, data={"dataset": "folder"}, eval={"check": "none"},
                  model={"arch": "small-cnn"})
-    assert main(["train", str(cfg)]) == 2
-    one_line_error(capsys, f"{bad}: not a readable image")
+    done = subprocess.run([sys.executable, "-m", "advgkl", "train", str(cfg)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"advgkl: error: {bad}: not a readable image")
     assert _no_run(tmp_path)
-    write_jpeg(root / "val" / "cat" / "v0.jpg", 0, __import__("numpy").random.default_rng(0))
     (root / "val" / "cat" / "v0.jpg").write_bytes(b"broken")
     cfg = config(tmp_path, root, data={"dataset": "folder", "num_workers": 0},
                  model={"arch": "small-cnn"}, eval={"check": "test", "holdout_size": 2})
     assert main(["train", str(cfg)]) == 2
     one_line_error(capsys, "v0.jpg: not a readable image")
+    assert _no_run(tmp_path)
 
 
 def test_shards_that_do_not_match_their_folder_are_refused(tree, tmp_path, capsys):

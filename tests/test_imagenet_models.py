@@ -34,7 +34,7 @@ def test_convstem_models_have_robustbench_keys_and_shapes(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["convstem-convnext-t", "convstem-vit-s"])
+@pytest.mark.parametrize("arch", ["convstem-convnext-t", "convstem-convnext-b", "convstem-vit-s"])
 def test_convstem_models_give_robustbench_outputs_with_the_same_weights(arch):
     torch.manual_seed(0)
     theirs = get_convstem_models(CONVSTEM_RB_NAMES[arch]).eval()

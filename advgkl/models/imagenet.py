@@ -98,7 +98,7 @@ def _convnext(size: str, num_classes: int) -> nn.Module:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     if size in ("t", "s"):   # two stride-2 convolutions, 48 -> 96 (ConvBlock1)
         model.stem = ConvStem(_conv_stack([48, 96], [2, 2]))
-    else:                    # base 64 (B) or 96 (L): w, 1.5 w, 2 w with strides 2, 2, 1 (ConvBlock3)
+    else:   # base 64 (B) or 96 (L): w, 1.5 w, 2 w with strides 2, 2, 1 (ConvBlock3)
         w = 64 if size == "b" else 96
         model.stem = ConvStem(_conv_stack([w, int(w * 1.5), 2 * w], [2, 2, 1]))
     return model
