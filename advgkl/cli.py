@@ -207,8 +207,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_data_shards(args: argparse.Namespace) -> int:
     from advgkl.shards import write_shards
 
-    index = write_shards(args.root, args.out, dataset=args.dataset, split=args.split,
-                         shard_size=args.shard_size)
+    index = write_shards(args.root, args.out, dataset=args.dataset, shard_size=args.shard_size)
     print(f"wrote {index} and its shards; train with data.shards={args.out}")
     return 0
 

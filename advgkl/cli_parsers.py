@@ -76,14 +76,13 @@ def _data(commands, convert: Handler, shards: Handler) -> None:
     conv.add_argument("out", metavar="OUT")
     conv.set_defaults(func=convert)
     shard = data_commands.add_parser(
-        "shards", help="write an image folder's split as WebDataset tar shards",
-        description="Write ROOT/<split>/<class>/<image> into OUT/<split>-NNNNNN.tar (the files' "
-                    "own bytes, in folder order) and OUT/<split>.json, the index train reads "
+        "shards", help="write an image folder's training images as WebDataset tar shards",
+        description="Write ROOT/train/<class>/<image> into OUT/train-NNNNNN.tar (the files' "
+                    "own bytes, in folder order) and OUT/train.json, the index train reads "
                     "with data.shards=OUT. A stopped run continues where it stopped: complete "
                     "shards are kept. Needs the split's size in free disk.")
     shard.add_argument("root", metavar="ROOT")
     shard.add_argument("--out", required=True, metavar="OUT")
-    shard.add_argument("--split", choices=("train", "val"), default="train")
     shard.add_argument("--dataset", choices=("imagenet", "folder"), default="imagenet",
                        help="imagenet: the class folders must be ImageNet's 1000 wnids")
     shard.add_argument("--shard-size", type=int, default=1000, help="images per shard")

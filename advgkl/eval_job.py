@@ -240,7 +240,7 @@ def _subject(job: EvalJob) -> Subject:
     root = job.data_root or (data.get("root") if dataset == data.get("dataset") else None)
     classes = (folder_classes(dataset, root) if dataset in FOLDER_DATASETS
                else NUM_CLASSES[dataset])
-    if classes is not None and classes != ckpt.get("num_classes"):
+    if classes != ckpt.get("num_classes"):
         raise UserError(f"the checkpoint has {ckpt.get('num_classes')} classes, {dataset} has "
                         f"{classes}")
     weights = default_weights(ckpt) if job.weights == "auto" else job.weights

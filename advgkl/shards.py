@@ -1,8 +1,8 @@
 """An image-folder split as WebDataset tar shards, written with webdataset's TarWriter and read
 with random access through wids (webdataset's indexed datasets).
 
-`write_shards` puts the images of ROOT/<split> (the files' own bytes, not re-encoded) in
-folder order into OUT/<split>-NNNNNN.tar, `shard_size` images each, and writes OUT/<split>.json
+`write_shards` puts the images of ROOT/train (the files' own bytes, not re-encoded) in
+folder order into OUT/train-NNNNNN.tar, `shard_size` images each, and writes OUT/train.json
 last: wids' shard index plus what the shards were written from (classes, image count and a
 sha256 over the relative paths and file sizes). Each shard appears under its final name only once
 complete, so a stopped run continues where it stopped. Sample i of the shards is image i of the
@@ -45,25 +45,29 @@ def _extension(path: str) -> str:
     return "jpg" if ext == "jpeg" else ext
 
 
-def write_shards(root: str | Path, out: str | Path, *, dataset: str, split: str = "train",
-                 shard_size: int = 1000, progress: bool = True) -> Path:
-    """Write ROOT/`split` as shards into `out`; returns the index file. Complete shards left by
-    an earlier, stopped call of the same source are kept; a finished index is never rewritten."""
+def write_shards(root: str | Path, out: str | Path, *, dataset: str, shard_size: int = 1000,
+                 progress: bool = True) -> Path:
+    """Write ROOT/train as shards into `out`; returns the index file. Complete shards left by
+    an earlier, stopped call with the same source and shard size are kept; a finished index is
+    never rewritten, nor are shards this command did not start."""
     import webdataset as wds
 
     if shard_size < 1:
         raise UserError("--shard-size must be at least 1")
-    tree = training_tree(root, dataset) if split == "train" else _val_tree(root, dataset)
+    split = "train"
+    tree = training_tree(root, dataset)
     out = Path(out)
     index_path = out / f"{split}.json"
     if index_path.exists():
         raise UserError(f"{index_path} already exists (nothing was overwritten)")
-    fingerprint = tree_fingerprint(tree)
-    marker = out / f".{split}.source"   # which tree the complete shards so far came from
-    if marker.exists() and marker.read_text() != fingerprint:
-        raise UserError(f"{out} holds shards of another {split} tree; use a new --out")
+    source = f"{tree_fingerprint(tree)} {shard_size}"
+    marker = out / f".{split}.source"   # which tree and shard size the shards so far came from
+    if marker.exists() and marker.read_text() != source:
+        raise UserError(f"{out} holds shards of another tree or shard size; use a new --out")
+    if not marker.exists() and out.is_dir() and any(out.glob(f"{split}-*.tar")):
+        raise UserError(f"{out} holds shards this command did not start; use a new --out")
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
+    marker.write_text(source)
     n = len(tree.samples)
     starts = range(0, n, shard_size)
     shards = []
@@ -94,21 +98,12 @@ def write_shards(root: str | Path, out: str | Path, *, dataset: str, split: str 
              "shardlist": shards, "advgkl": {"split": split, "dataset": dataset,
                                              "classes": tree.classes, "samples": n,
                                              "source": str(Path(root).resolve()),
-                                             "fingerprint": fingerprint}}
+                                             "fingerprint": source.split()[0]}}
     tmp = index_path.with_name(index_path.name + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, index_path)
     marker.unlink()
     return index_path
-
-
-def _val_tree(root: str | Path, dataset: str) -> Tree:
-    from advgkl.folders import scan
-
-    tree = scan(root, "val", dataset)
-    if not tree.samples:
-        raise UserError(f"{tree.root}: no images in its class folders")
-    return tree
 
 
 def read_index(folder: str | Path, split: str = "train") -> dict:

@@ -218,15 +218,20 @@ def test_shards_that_do_not_match_their_folder_are_refused(tree, tmp_path, capsy
 
 
 def test_a_stopped_shard_writer_continues_with_the_complete_shards(tree, tmp_path):
-    from advgkl.shards import write_shards
+    from advgkl.errors import UserError
+    from advgkl.shards import tree_fingerprint, write_shards
 
     out = tmp_path / "shards"
     write_shards(tree, out, dataset="imagenet", shard_size=16, progress=False)
     first = (out / "train-000000.tar").stat().st_mtime_ns
     (out / "train.json").unlink()                    # as if stopped before the index
     (out / "train-000002.tar").unlink()
-    (out / ".train.source").write_text(__import__("advgkl.shards").shards.tree_fingerprint(
-        training_tree(tree, "imagenet")))
+    (out / ".train.source").write_text(f"{tree_fingerprint(training_tree(tree, 'imagenet'))} 16")
+    with pytest.raises(UserError, match="another tree or shard size"):
+        write_shards(tree, out, dataset="imagenet", shard_size=32, progress=False)
     write_shards(tree, out, dataset="imagenet", shard_size=16, progress=False)
     assert (out / "train-000000.tar").stat().st_mtime_ns == first
     assert (out / "train-000002.tar").is_file() and not (out / ".train.source").exists()
+    (out / "train.json").unlink()   # shards without their writer's marker are not reused
+    with pytest.raises(UserError, match="did not start"):
+        write_shards(tree, out, dataset="imagenet", shard_size=16, progress=False)
