@@ -133,7 +133,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     job = EvalJob(
         checkpoint=args.checkpoint, dataset=args.dataset, n_examples=args.n_examples,
-        eps=parse_number("--eps", args.eps) if args.eps else None, norm=args.norm, version=args.version,
+        eps=parse_number("--eps", args.eps) if args.eps else None, norm=args.norm,
+        version=args.version,
         attacks=args.attacks.split(",") if args.attacks else None, quick=args.quick,
         batch_size=None if args.batch_size == "auto" else args.batch_size, seed=args.seed,
         state=args.state, model_name=args.model_name,

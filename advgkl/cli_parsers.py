@@ -9,7 +9,6 @@ from typing import Callable, Mapping
 from advgkl import __version__
 
 Handler = Callable[[argparse.Namespace], int]
-Commands = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class Parser(argparse.ArgumentParser):

@@ -75,11 +75,17 @@ def load_split(dataset: str, *, train: bool, root: str = "data", download: bool 
     raise UserError(f"data.dataset: {dataset!r} is not one of {', '.join(NUM_CLASSES)}")
 
 
+def validation_indices(n: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(the rest, `size` indices of range(n) drawn at random with `seed`), each in order: the
+    validation split carved from a training set of n images."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[size:].sort().values, perm[:size].sort().values
+
+
 def carve_validation(split: Split, size: int, seed: int) -> tuple[Split, Split]:
     """(the rest, `size` images drawn at random with `seed`): a validation split carved from a
     training set; both keep the data set's order."""
-    perm = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
-    val, rest = perm[:size].sort().values, perm[size:].sort().values
+    rest, val = validation_indices(len(split.labels), size, seed)
     return (Split(split.images[rest], split.labels[rest]),
             Split(split.images[val], split.labels[val]))
 

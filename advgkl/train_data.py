@@ -12,11 +12,12 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from advgkl import distributed
 from advgkl.config import Config
-from advgkl.data import NUM_CLASSES, Split, carve_validation, load_split, train_dataset
+from advgkl.data import (NUM_CLASSES, Split, carve_validation, load_split, train_dataset,
+                         validation_indices)
 from advgkl.errors import UserError
-from advgkl.folders import (FOLDER_AUGMENTS, FOLDER_DATASETS, FolderDataset, check_preprocessing,
-                            check_same_classes, decode_points, imagenet_wnids, load_points,
-                            preprocessing, train_transform, training_tree)
+from advgkl.folders import (FOLDER_DATASETS, FolderDataset, check_same_classes, decode_points,
+                            imagenet_wnids, load_points, preprocessing, train_transform,
+                            training_tree)
 from advgkl.generated import MixedBatchSampler, open_generated
 
 
@@ -35,11 +36,7 @@ class TrainData:
 
 def check_data_options(cfg: Config) -> None:
     data = cfg.data
-    if data.dataset in FOLDER_DATASETS:
-        check_preprocessing(data.preprocessing)
-        if data.augment not in FOLDER_AUGMENTS:
-            raise UserError(f"data.augment: {data.augment!r}; image-folder data sets take "
-                            f"{' or '.join(FOLDER_AUGMENTS)}")
+    if data.dataset in FOLDER_DATASETS:   # augment and preprocessing: train_transform checks
         if data.two_view or data.device_augment or data.generated:
             raise UserError("data.two_view, data.device_augment and data.generated are for "
                             "in-memory data sets; not with an image folder")
@@ -122,8 +119,7 @@ def folder_training_data(cfg: Config) -> TrainData:
     check, label = None, ""
     if cfg.eval.check == "val":
         _check_val_size(cfg, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed))
-        val, rest = perm[:cfg.eval.val_size].sort().values, perm[cfg.eval.val_size:].sort().values
+        rest, val = validation_indices(n, cfg.eval.val_size, cfg.train.seed)
         train_set = Subset(train_set, rest.tolist())
         check = decode_points(Subset(fixed_set, val.tolist()), workers=workers,
                               desc="decoding the check's points")

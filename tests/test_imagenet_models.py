@@ -13,7 +13,7 @@ from advgkl.compat import import_robustbench
 from advgkl.errors import UserError
 from advgkl.init_weights import load_init
 from advgkl.models import create_model
-from advgkl.models.imagenet import CONVSTEM, CONVSTEM_RB_NAMES
+from advgkl.models.imagenet import CONVSTEM
 
 import_robustbench()
 from robustbench.model_zoo.architectures.convstem_models import get_convstem_models  # noqa: E402
@@ -28,7 +28,7 @@ ENTRY = "Advgkl2026TinyImageNet"
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(CONVSTEM))
 def test_convstem_models_have_robustbench_keys_and_shapes(arch):
-    ours, theirs = create_model(arch, 1000), get_convstem_models(CONVSTEM_RB_NAMES[arch])
+    ours, theirs = create_model(arch, 1000), get_convstem_models(CONVSTEM[arch].robustbench)
     assert {k: v.shape for k, v in ours.state_dict().items()} == \
         {k: v.shape for k, v in theirs.state_dict().items()}
 
@@ -37,7 +37,7 @@ def test_convstem_models_have_robustbench_keys_and_shapes(arch):
 @pytest.mark.parametrize("arch", ["convstem-convnext-t", "convstem-convnext-b", "convstem-vit-s"])
 def test_convstem_models_give_robustbench_outputs_with_the_same_weights(arch):
     torch.manual_seed(0)
-    theirs = get_convstem_models(CONVSTEM_RB_NAMES[arch]).eval()
+    theirs = get_convstem_models(CONVSTEM[arch].robustbench).eval()
     ours = create_model(arch, 1000).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.rand(2, 3, 224, 224)

@@ -55,7 +55,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         if name in _FIXED:
             return _FIXED[name](num_classes=num_classes, **kwargs)
         if name in CONVSTEM:
-            return CONVSTEM[name][1](num_classes, **kwargs)
+            return CONVSTEM[name].build(num_classes, **kwargs)
         if name.startswith(TIMM_PREFIX):
             return create_timm(name[len(TIMM_PREFIX):], num_classes, **kwargs)
     except TypeError as exc:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Any
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -113,17 +114,24 @@ def _vit(size: str, num_classes: int) -> nn.Module:
     return normalized(model) if size == "s" else model   # only ViT-S is normalised there
 
 
-CONVSTEM = {"convstem-convnext-t": ("ConvNeXt-T + ConvStem", lambda c: _convnext("t", c)),
-            "convstem-convnext-s": ("ConvNeXt-S + ConvStem", lambda c: _convnext("s", c)),
-            "convstem-convnext-b": ("ConvNeXt-B + ConvStem", lambda c: _convnext("b", c)),
-            "convstem-convnext-l": ("ConvNeXt-L + ConvStem", lambda c: _convnext("l", c)),
-            "convstem-vit-s": ("ViT-S + ConvStem", lambda c: _vit("s", c)),
-            "convstem-vit-b": ("ViT-B + ConvStem", lambda c: _vit("b", c))}
-# RobustBench's get_convstem_models names, for its model-zoo constructor text
-CONVSTEM_RB_NAMES = {"convstem-convnext-t": "convnext_t_cvst", "convstem-convnext-s":
-                     "convnext_s_cvst", "convstem-convnext-b": "convnext_b_cvst",
-                     "convstem-convnext-l": "convnext_l_cvst", "convstem-vit-s": "vit_s_cvst",
-                     "convstem-vit-b": "vit_b_cvst"}
+class ConvStemModel(NamedTuple):
+    display: str                        # RobustBench's architecture text
+    robustbench: str                    # its get_convstem_models name (model-zoo constructor)
+    build: Callable[[int], nn.Module]   # num_classes -> model
+
+
+CONVSTEM = {
+    "convstem-convnext-t": ConvStemModel("ConvNeXt-T + ConvStem", "convnext_t_cvst",
+                                         partial(_convnext, "t")),
+    "convstem-convnext-s": ConvStemModel("ConvNeXt-S + ConvStem", "convnext_s_cvst",
+                                         partial(_convnext, "s")),
+    "convstem-convnext-b": ConvStemModel("ConvNeXt-B + ConvStem", "convnext_b_cvst",
+                                         partial(_convnext, "b")),
+    "convstem-convnext-l": ConvStemModel("ConvNeXt-L + ConvStem", "convnext_l_cvst",
+                                         partial(_convnext, "l")),
+    "convstem-vit-s": ConvStemModel("ViT-S + ConvStem", "vit_s_cvst", partial(_vit, "s")),
+    "convstem-vit-b": ConvStemModel("ViT-B + ConvStem", "vit_b_cvst", partial(_vit, "b")),
+}
 
 
 def create_timm(name: str, num_classes: int, normalize: bool = True, **kwargs: Any) -> nn.Module:
@@ -141,5 +149,5 @@ def create_timm(name: str, num_classes: int, normalize: bool = True, **kwargs: A
 def display_name(arch: str) -> str:
     """RobustBench's architecture text for ImageNet models."""
     if arch in CONVSTEM:
-        return CONVSTEM[arch][0]
+        return CONVSTEM[arch].display
     return arch[len(TIMM_PREFIX):] if arch.startswith(TIMM_PREFIX) else arch

@@ -9,22 +9,21 @@ from torch import Tensor, nn
 from advgkl.checkpoint import CheckpointError, model_from_checkpoint
 from advgkl.compat import import_robustbench
 from advgkl.models import WRN_PATTERN, dm_normalization
-from advgkl.models.imagenet import (CONVSTEM_RB_NAMES, IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX,
-                                    import_timm)
+from advgkl.models.imagenet import CONVSTEM, IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX, import_timm
 
 
 def _imagenet_constructor(arch: str, num_classes: int, kwargs: Mapping[str, Any]) -> str | None:
     """RobustBench's ImageNet zoo forms (model_zoo/imagenet.py, where mu and sigma are
     ImageNet's mean and std); None when `arch` is not an ImageNet model."""
-    if arch in CONVSTEM_RB_NAMES or arch.startswith(TIMM_PREFIX):
+    if arch in CONVSTEM or arch.startswith(TIMM_PREFIX):
         if num_classes != 1000:
             raise ValueError(f"{arch} with {num_classes} classes: RobustBench's ImageNet board "
                              "takes 1000-class models")
         if set(kwargs) - {"normalize"}:
             raise ValueError(f"{arch}: timm keyword arguments {sorted(kwargs)} have no place in "
                              "RobustBench's constructor")
-    if arch in CONVSTEM_RB_NAMES:
-        return f"get_convstem_models('{CONVSTEM_RB_NAMES[arch]}')"
+    if arch in CONVSTEM:
+        return f"get_convstem_models('{CONVSTEM[arch].robustbench}')"
     if arch.startswith(TIMM_PREFIX):
         inner = f"timm.create_model('{arch[len(TIMM_PREFIX):]}', pretrained=False)"
         return f"normalize_model({inner}, mu, sigma)" if kwargs.get("normalize", True) else inner
