@@ -89,6 +89,8 @@ class PGDAttack:
     alpha: float = 1.0      # objective "gkl" only: weights of sCE and wMSE, prior exponent
     beta: float = 1.0
     gamma: float = 1.0
+    restarts: int = 1
+    final_loss_forward: bool = False  # Rice et al.: a per-point CE forward ends each restart
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("norm", self.norm, NORMS),
@@ -98,6 +100,9 @@ class PGDAttack:
                 raise ValueError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
         if self.eps < 0 or self.step_size < 0 or self.steps < 0:
             raise ValueError("eps, step_size and steps must be >= 0")
+        if self.restarts < 1 or (self.restarts > 1 and not self.final_loss_forward):
+            raise ValueError("restarts: >= 1; several restarts need final_loss_forward (the "
+                             "per-point loss that picks the strongest)")
 
     def _loss(self, logits_adv: Tensor, y: Tensor, logits_nat: Tensor | None,
               prior_rows: Tensor | None) -> Tensor:
@@ -120,6 +125,21 @@ class PGDAttack:
             return x_adv + self.step_size * grad.sign()
         return x_adv + self.step_size * grad / _per_sample_l2(grad).clamp_min(1e-12)
 
+    def _run(self, model: nn.Module, x: Tensor, y: Tensor, logits_nat: Tensor | None,
+             prior_rows: Tensor | None, teacher: nn.Module | None) -> Tensor:
+        """One restart: the start, then `steps` steps."""
+        x_adv = _random_start(x, self.eps, self.norm, self.random_start)
+        if self.random_start not in ("normal", "uniform_unclamped") or self.steps == 0:
+            x_adv = _project(x_adv, x, self.eps, self.norm)
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                loss = (_summed_kl(model(x_adv), teacher(x_adv)) if self.objective == "adaad"
+                        else self._loss(model(x_adv), y, logits_nat, prior_rows))
+                (grad,) = torch.autograd.grad(loss, [x_adv])
+            x_adv = _project(self._step(x_adv.detach(), grad), x, self.eps, self.norm)
+        return x_adv.detach()
+
     @property
     def needs_prior(self) -> bool:
         return self.objective == "gkl"
@@ -141,18 +161,20 @@ class PGDAttack:
                     logits_nat = model(x)
             if logits_nat is not None:
                 logits_nat = logits_nat.detach()
-            x_adv = _random_start(x, self.eps, self.norm, self.random_start)
-            if self.random_start not in ("normal", "uniform_unclamped") or self.steps == 0:
-                x_adv = _project(x_adv, x, self.eps, self.norm)
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                with torch.enable_grad():
-                    loss = (_summed_kl(model(x_adv), teacher(x_adv))
-                            if self.objective == "adaad"
-                            else self._loss(model(x_adv), y, logits_nat, prior_rows))
-                    (grad,) = torch.autograd.grad(loss, [x_adv])
-                x_adv = _project(self._step(x_adv.detach(), grad), x, self.eps, self.norm)
-            return x_adv.detach()
+            best, best_loss = None, None
+            for _ in range(self.restarts):
+                x_adv = self._run(model, x, y, logits_nat, prior_rows, teacher)
+                if not self.final_loss_forward:
+                    return x_adv
+                with torch.no_grad():  # Rice et al.: a forward in the attack's mode, then max
+                    loss = F.cross_entropy(_promoted(model(x_adv)), y, reduction="none")
+                if best is None:
+                    best, best_loss = x_adv, loss
+                    continue
+                better = loss >= best_loss
+                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
+                best_loss = torch.maximum(best_loss, loss)
+            return best
         finally:
             model.train(was_training)
 

@@ -17,17 +17,20 @@ from typing import Any, Iterable
 
 import yaml
 
-from advgkl.config_methods import (GKL_ATTACK_WEIGHTS, bind, last_method, method_bound,
+from advgkl.config_methods import (GKL_ATTACK_WEIGHTS, PGD_ONLY, bind, last_method,
+                                   method_bound,
                                    resolve_method)
 from advgkl.errors import ConfigError, check_plain_name
 from advgkl.fields import linf_size_problem, opt, parse_number, set_field
 from advgkl.methods import METHOD_NAMES, METHODS, Settings, settings_fields
+from advgkl.schedules import LR_SCHEDULES
 
 __all__ = ["Config", "ConfigError", "build_config", "config_to_dict", "dump_config", "load_config",
            "linf_size_problem", "parse_number", "read_yaml", "save_config"]
 
 ATTACK_OBJECTIVES = ("auto", "kl", "teacher_kl", "adaad", "gkl", "ce")
 RANDOM_STARTS = ("auto", "normal", "uniform", "uniform_unclamped", "none")
+ATTACK_KINDS = ("auto", "pgd", "fgsm", "n_fgsm")
 
 
 @dataclass
@@ -79,6 +82,10 @@ class AttackConfig:
     eps: float = opt(8 / 255, ge=0, eps=True, doc="0: no attack (the method on clean images only)")
     step_size: float = opt(2 / 255, gt=0, eps=True)
     steps: int = opt(10, ge=0)
+    kind: str = opt("auto", choices=ATTACK_KINDS,
+                    doc="auto: the method's own (pgd; fgsm_rs, n_fgsm, grad_align: their single "
+                    "step). n_fgsm with another method: N-FGSM's published step on the method's "
+                    "attack objective (our extension)")
     objective: str = opt("auto", choices=ATTACK_OBJECTIVES,
                          doc="auto: the method's own. kl: KL to the model's clean softmax; "
                          "teacher_kl: to the teacher's (RSLAD); adaad: KL(teacher(x') || "
@@ -111,6 +118,9 @@ class LossConfig:
     lbgat: Any = _section("lbgat")
     ikl: Any = _section("ikl")
     gkl: Any = _section("gkl")
+    fgsm_rs: Any = _section("fgsm_rs")
+    n_fgsm: Any = _section("n_fgsm")
+    grad_align: Any = _section("grad_align")
     ard: Any = _section("ard")
     rslad: Any = _section("rslad")
     adaad: Any = _section("adaad")
@@ -144,8 +154,12 @@ class TrainConfig:
     epochs: int = opt(200, ge=1)
     batch_size: int = opt(128, ge=1, doc="global batch: split evenly over the processes")
     lr: float = opt(0.2, gt=0)
-    lr_schedule: str = opt("cosine",
-                           choices=("cosine", "cosine_shifted", "piecewise", "cosinew"))
+    lr_schedule: str = opt("cosine", choices=LR_SCHEDULES, doc="per epoch: cosine, "
+                           "cosine_shifted, piecewise; per step: cosinew (DM-AT), cyclic (Wong et "
+                           "al.'s CyclicLR), superconverge (GradAlign's / Rice et al.'s triangle "
+                           "peaking at 2/5), piecewise_step (Rice et al.)")
+    cycle_momentum: bool = opt(False, doc="lr_schedule cyclic: CyclicLR's default momentum cycle, "
+                               "0.9 at lr 0 down to 0.8 at the peak (train.momentum unused)")
     lr_warmup_epochs: int = opt(0, ge=0)
     lr_first_epochs: list[float] = opt([], doc="the lr of each first epoch, replacing the "
                                        "schedule's value there (LBGAT's script: [0.02])")
@@ -292,10 +306,12 @@ def _check_section(prefix: str, section: Any) -> None:
         if section.name:
             check_plain_name(section.name, "run.name")
     if isinstance(section, TrainConfig):
+        if section.cycle_momentum and section.lr_schedule != "cyclic":
+            raise ConfigError("train.cycle_momentum: only with train.lr_schedule cyclic")
         if any(lr <= 0 for lr in section.lr_first_epochs):
             raise ConfigError(f"train.lr_first_epochs: {section.lr_first_epochs} must be > 0")
         ms = section.lr_milestones
-        if section.lr_schedule == "piecewise" and (
+        if section.lr_schedule in ("piecewise", "piecewise_step") and (
                 ms != sorted(ms) or any(not 0 < m <= section.epochs for m in ms)):
             raise ConfigError(f"train.lr_milestones: {ms} must be increasing epochs "
                               f"between 1 and train.epochs ({section.epochs})")
@@ -319,7 +335,7 @@ def build_config(tree: dict | None = None, overrides: Iterable[str] = (),
         cfg.loss.mart.form = "exact"    # what runs before the authors' form trained with
     for key, value in items:
         key = bind(key, file_method)
-        if method != file_method and method_bound(key, file_method):
+        if method != file_method and method_bound(key, file_method, method):
             left_out.append(key)
             continue
         try:
@@ -388,7 +404,8 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
             out["loss"] = {"method": obj.method,
                            obj.method: _values(settings, settings.unused())}
         elif section.name == "attack":
-            out["attack"] = _values(obj, () if obj.objective == "gkl" else GKL_ATTACK_WEIGHTS)
+            out["attack"] = _values(obj, (() if obj.objective == "gkl" else GKL_ATTACK_WEIGHTS)
+                                    + (() if obj.kind == "pgd" else PGD_ONLY))
         elif section.name != "distill" or METHODS[cfg.loss.method].teacher:
             out[section.name] = _values(obj)
     return out

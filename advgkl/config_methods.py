@@ -12,8 +12,9 @@ from advgkl.errors import ConfigError
 from advgkl.methods import DISTILLATION, METHOD_NAMES, METHODS
 
 # The attack's method-bound keys: a config file's values belong to the file's method.
-ATTACK_BOUND = ("objective", "random_start", "alpha", "beta", "gamma")
+ATTACK_BOUND = ("kind", "objective", "random_start", "alpha", "beta", "gamma")
 GKL_ATTACK_WEIGHTS = ("alpha", "beta", "gamma")
+PGD_ONLY = ("step_size", "steps", "random_start")  # a single-step attack sets its own
 
 
 def bind(key: str, method: str) -> str:
@@ -31,10 +32,14 @@ def last_method(items: list[tuple[str, Any]], default: str) -> str:
     return methods[-1] if methods else default
 
 
-def method_bound(key: str, method: str) -> bool:
+def method_bound(key: str, method: str, run_method: str) -> bool:
+    """A config file's `key` belongs to the file's `method`; its PGD budget too when the run's
+    method trains with its own single step."""
     parts = key.split(".")
-    return (parts[0] == "attack" and len(parts) == 2 and parts[1] in ATTACK_BOUND) or \
-        (parts[0] == "loss" and len(parts) == 3 and parts[1] == method)
+    if parts[0] == "attack" and len(parts) == 2:
+        return parts[1] in ATTACK_BOUND or (parts[1] in PGD_ONLY
+                                             and METHODS[run_method].attack_kind != "pgd")
+    return parts[0] == "loss" and len(parts) == 3 and parts[1] == method
 
 
 def _default(obj: Any, name: str) -> Any:
@@ -52,10 +57,32 @@ def _drop_unused(obj: Any, names: Iterable[str], prefix: str, why: str, explicit
         setattr(obj, name, _default(obj, name))
 
 
+def _resolve_kind(attack: Any, method: Any, explicit: set[str], saved: bool) -> None:
+    """`auto` is the method's own attack; a single step sets its own size and start."""
+    if attack.kind == "auto":
+        attack.kind = method.attack_kind
+    if method.attack_kind != "pgd" and attack.kind != method.attack_kind:
+        raise ConfigError(f"attack.kind: method {method.name} trains with its own "
+                          f"{method.attack_kind} step; set attack.kind=auto")
+    if attack.kind == "fgsm" and method.attack_kind == "pgd":
+        raise ConfigError("attack.kind: fgsm is the step of methods fgsm_rs and grad_align; "
+                          "another method takes pgd or n_fgsm")
+    if attack.kind == "pgd":
+        return
+    if method.teacher or attack.norm != "Linf":
+        raise ConfigError(f"attack.kind: {attack.kind} is a Linf step for adversarial training "
+                          f"(not with method {method.name} or attack.norm {attack.norm})")
+    _drop_unused(attack, PGD_ONLY, "attack", f"the single-step attack {attack.kind} sets its own "
+                 f"step and start (loss.{method.name if method.attack_kind != 'pgd' else 'n_fgsm'}"
+                 " values)", explicit, saved)
+    attack.random_start = "none"
+
+
 def resolve_method(cfg: Any, explicit: set[str], saved: bool) -> None:
     """The method's own attack for `auto`, its teacher rules; unused values reset."""
     loss, attack, method = cfg.loss, cfg.attack, METHODS[cfg.loss.method]
     name = loss.method
+    _resolve_kind(attack, method, explicit, saved)
     if attack.objective == "auto":
         attack.objective = method.attack_objective(cfg.data.dataset)
     if attack.random_start == "auto":
@@ -89,3 +116,15 @@ def resolve_method(cfg: Any, explicit: set[str], saved: bool) -> None:
     if cfg.data.two_view and not method.two_view:
         raise ConfigError(f"data.two_view: method {name} trains on one view; set "
                           "data.two_view=false")
+
+
+def attack_description(cfg: Any) -> str:
+    """The training attack in words, for train.log and evaluation records."""
+    a, method = cfg.attack, METHODS[cfg.loss.method]
+    mode = ", model in train mode" if method.attack_train_mode else ""
+    if a.kind == "pgd":
+        return f"PGD-{a.steps} on {a.objective}, start {a.random_start}{mode}"
+    if method.attack_kind == "pgd":
+        return (f"N-FGSM's single step on {a.objective} (our extension: {method.name}'s loss, "
+                f"N-FGSM's published attack){mode}")
+    return f"its own single step ({a.kind}){mode}"

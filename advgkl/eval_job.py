@@ -280,6 +280,7 @@ def training_of(ckpt: dict) -> dict | None:
     """The method a checkpoint was trained with (one line) and its teacher's identity, when its
     config says (checkpoints from before methods had sections: their method name only)."""
     from advgkl.config import build_config
+    from advgkl.config_methods import attack_description
     from advgkl.methods import describe
 
     config = ckpt.get("config")
@@ -287,7 +288,8 @@ def training_of(ckpt: dict) -> dict | None:
         return None
     try:
         cfg = build_config(config, saved=True)
-        method = describe(cfg.loss.method, cfg.loss.settings)
+        method = (f"{describe(cfg.loss.method, cfg.loss.settings)}; attack "
+                  f"{attack_description(cfg)}")
     except UserError:
         method = str((config.get("loss") or {}).get("method"))
     return {"method": method, "teacher": ckpt.get("teacher")}

@@ -14,6 +14,7 @@ from typing import Any
 from advgkl.fields import opt
 
 PRIOR_UPDATES = ("epoch", "ema")
+SINGLE_STEP_STARTS = ("uniform", "zero")
 
 
 class Settings:
@@ -35,10 +36,54 @@ class Settings:
         """What logs and records must say about these values, if anything."""
         return ""
 
+    def gradient_through_clamp(self) -> bool:
+        """A single-step attack's first gradient through clamp(x + delta, 0, 1) (GradAlign)."""
+        return False
+
 
 @dataclass
 class PgdAtSettings(Settings):
     label_smoothing: float = opt(0.0, ge=0, lt=1, doc="smoothing of the adversarial CE's labels")
+
+
+@dataclass
+class FgsmSettings(Settings):
+    """FGSM-RS (Wong et al. 2020, train_fgsm.py): delta ~ U(-eps, eps) clamped into the image,
+    one step of `step` eps from there, delta projected into the eps ball and the image again."""
+
+    step: float = opt(1.25, gt=0, doc="FGSM step in units of attack.eps (10/255 at 8/255)")
+    start: str = opt("uniform", choices=SINGLE_STEP_STARTS,
+                     doc="uniform: U(-eps, eps) per channel (FGSM-RS); zero: plain FGSM")
+
+
+@dataclass
+class NFgsmSettings(Settings):
+    """N-FGSM (de Jorge et al. 2022, train.py): eta ~ U(-k eps, k eps) clamped into the image,
+    delta = eta + step eps sign(grad), clamped into the image; no eps-ball projection."""
+
+    noise: float = opt(2.0, gt=0, doc="k: the noise's radius in units of attack.eps (k = 4 for "
+                       "WRN at 16/255)")
+    step: float = opt(1.0, gt=0, doc="the step in units of attack.eps")
+    clip: float = opt(0.0, ge=0, doc="projection radius in units of attack.eps (the authors' "
+                      "--clip); 0: none, delta can reach (k + 1) eps")
+
+
+@dataclass
+class GradAlignSettings(Settings):
+    """GradAlign (Andriushchenko & Flammarion 2020, train.py): FGSM from zero with step 1.25 eps
+    projected into the eps ball, plus reg_weight (1 - mean cos(grad l(x), grad l(x + eta))),
+    eta ~ U(-eps, eps) unclamped, by double backprop; only the second gradient carries the
+    regularizer's gradient (their code detaches the first), points with a zero gradient are left
+    out (a batch without any: no regularizer, where their code gives NaN). Their FGSM gradient
+    goes through clamp(x + delta, 0, 1): zero at saturated pixels on today's PyTorch, which we
+    reproduce. Their epoch 0 (one batch forwarded, no update) is not run."""
+
+    reg_weight: float = opt(0.2, ge=0, doc="lambda (their grad_align_cos_lambda; 0.2 at 8/255, "
+                            "2.0 at 16/255, sh/exps_diff_eps_cifar10.sh)")
+    step: float = opt(1.25, gt=0, doc="FGSM step in units of attack.eps")
+
+    def gradient_through_clamp(self) -> bool:
+        return True
 
 
 @dataclass
@@ -179,6 +224,10 @@ class Method:
     natural_model: bool = False       # LBGAT: trains a natural model beside the robust one
     awp: bool = True                  # can run inside AWP
     two_view: bool = True             # can train on two views of each image
+    attack_kind: str = "pgd"          # pgd, or a single step: fgsm, n_fgsm
+    clean_forward: str = "before"     # before / after the optimizer step (Rice et al.), or none
+    input_gradient_reg: bool = False  # GradAlign: a regularizer on input gradients
+    final_loss_forward: bool = False  # Rice et al.: the attack ends with a per-point loss forward
 
     def attack_objective(self, dataset: str) -> str:
         return self.attack_cifar100 if dataset == "cifar100" and self.attack_cifar100 \
@@ -187,8 +236,13 @@ class Method:
 
 _AT = {"awp": True, "two_view": True}
 _KD = {"teacher": True, "awp": False, "two_view": False}
+# The fast methods as their authors run them: the model in train mode throughout, no clean forward.
+_FAST = {"attack_train_mode": True, "clean_forward": "none", "start": "none", "awp": False,
+         "two_view": False}
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("pgd_at", "PGD-AT (Madry et al. 2018)", PgdAtSettings, "ce", start="uniform", **_AT),
+    Method("pgd_at", "PGD-AT (Madry et al. 2018; Rice et al.'s code)", PgdAtSettings, "ce",
+           start="uniform", attack_train_mode=True, clean_forward="after",
+           final_loss_forward=True, **_AT),
     Method("trades", "TRADES (Zhang et al. 2019)", TradesSettings, "kl", **_AT),
     Method("mart", "MART (Wang et al. 2020)", MartSettings, "ce", clean_first=True, **_AT),
     Method("lbgat", "LBGAT (Cui et al. 2021)", LbgatSettings, "kl", natural_model=True,
@@ -202,9 +256,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rslad", "RSLAD (Zi et al. 2021)", RsladSettings, "teacher_kl", **_KD),
     Method("adaad", "AdaAD (Huang et al. 2023)", AdaadSettings, "adaad", clean_first=True, **_KD),
     Method("gkl_kd", "GKL-KD (Cui et al., TPAMI 2026)", GklKdSettings, "teacher_kl", **_KD),
+    Method("fgsm_rs", "FGSM-RS (Wong et al. 2020)", FgsmSettings, "ce", attack_kind="fgsm",
+           **_FAST),
+    Method("n_fgsm", "N-FGSM (de Jorge et al. 2022)", NFgsmSettings, "ce", attack_kind="n_fgsm",
+           **_FAST),
+    Method("grad_align", "GradAlign (Andriushchenko & Flammarion 2020)", GradAlignSettings, "ce",
+           attack_kind="fgsm", input_gradient_reg=True, **_FAST),
 )}
 METHOD_NAMES = tuple(METHODS)
 DISTILLATION = tuple(name for name, m in METHODS.items() if m.teacher)
+SINGLE_STEP = tuple(name for name, m in METHODS.items() if m.attack_kind != "pgd")
 
 
 def settings_fields(method: str) -> dict[str, dataclasses.Field]:

@@ -30,6 +30,7 @@ class Logits:
     guide: Tensor | None = None        # LBGAT: the natural model on the clean batch
     teacher_nat: Tensor | None = None  # distillation: the teacher on the clean batch
     teacher_adv: Tensor | None = None  # AdaAD: the teacher on the adversarial batch
+    input_reg: Tensor | None = None    # GradAlign: 1 - mean cos of the two input gradients
     epoch: int = 1
 
     def part(self, rows: slice) -> "Logits":
@@ -51,6 +52,14 @@ def _clean_ce(o: Logits) -> Tensor:
 
 def _pgd_at(obj: "Objective", o: Logits) -> dict[str, Tensor]:
     robust = cross_entropy(o.adv, o.y, obj.settings.label_smoothing)
+    return _terms(robust, _clean_ce(o), robust)
+
+
+def _single_step(obj: "Objective", o: Logits) -> dict[str, Tensor]:
+    """FGSM-RS, N-FGSM: CE on the adversarial batch; GradAlign adds reg_weight * input_reg."""
+    robust = cross_entropy(o.adv, o.y)
+    if o.input_reg is not None:
+        robust = robust + obj.settings.reg_weight * o.input_reg
     return _terms(robust, _clean_ce(o), robust)
 
 
@@ -91,7 +100,8 @@ def _gkl(obj: "Objective", o: Logits) -> dict[str, Tensor]:
 
 
 TERMS: dict[str, Terms] = {"pgd_at": _pgd_at, "trades": _trades, "mart": _mart, "lbgat": _lbgat,
-                           "ikl": _ikl, "gkl": _gkl, **distill.TERMS}
+                           "ikl": _ikl, "gkl": _gkl, "fgsm_rs": _single_step,
+                           "n_fgsm": _single_step, "grad_align": _single_step, **distill.TERMS}
 
 
 @dataclass(frozen=True)

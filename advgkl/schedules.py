@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 
-def learning_rate(schedule: str, epoch: int, epochs: int, progress: float, *, lr: float,
+LR_SCHEDULES = ("cosine", "cosine_shifted", "piecewise", "cosinew", "cyclic", "superconverge",
+                "piecewise_step")
+
+
+def _cyclic_scale(epoch: int, epochs: int, step: int, batches: int) -> float:
+    """torch's CyclicLR (triangular; half the iterations up, half down) as Wong et al.'s and
+    de Jorge et al.'s scripts build it, at the iteration this step runs with: the scheduler steps
+    after each optimizer step, so step 0 of epoch 1 runs at lr 0. Same float operations."""
+    total = float(epochs * batches)
+    g = (epoch - 1) * batches + step
+    x = 1.0 + g / total - math.floor(1 + g / total)
+    return x / 0.5 if x <= 0.5 else (x - 1) / (0.5 - 1)
+
+
+def cyclic_momentum(epoch: int, epochs: int, step: int, batches: int) -> float:
+    """CyclicLR's default cycle_momentum (base 0.8, max 0.9): 0.9 at lr 0, 0.8 at the peak."""
+    return 0.9 - (0.9 - 0.8) * _cyclic_scale(epoch, epochs, step, batches)
+
+
+def learning_rate(schedule: str, epoch: int, epochs: int, step: int, batches: int, *, lr: float,
                   warmup: int, milestones: list[int], first: list[float] = ()) -> float:
-    """LR in `epoch` (1-based) at fraction `progress` of it.
+    """LR of step `step` (0-based) of the `batches` steps of `epoch` (1-based).
 
     first: explicit lrs of the first epochs (a hand-written warm-up, LBGAT's [0.02]), before the
     schedule's own value.
@@ -18,14 +38,27 @@ def learning_rate(schedule: str, epoch: int, epochs: int, progress: float, *, lr
     piecewise: divided by 10 from each milestone epoch on (a milestone equal to `epochs` divides
     the last epoch only), after the warm-up.
     cosinew (DM-AT, per step): linear warm-up, then cosine to 0 over the remaining steps.
+    cyclic (Wong et al., de Jorge et al., per step): torch's CyclicLR from 0 up to lr over the
+    first half of all steps and back to 0 over the second.
+    superconverge (Andriushchenko & Flammarion's "cyclic", Rice et al.'s "superconverge", per
+    step at t = epochs done + (step + 1) / batches): np.interp(t, [0, epochs * 2 // 5, epochs],
+    [0, lr, 0]).
+    piecewise_step (Rice et al., per step at the same t): lr / 10 ** (milestones passed by t).
     """
     if epoch <= len(first):
         return first[epoch - 1]
     if schedule == "cosinew":
-        t = epoch - 1 + progress
+        t = epoch - 1 + step / batches
         if t < warmup:
             return lr * t / warmup
         return lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (epochs - warmup)))
+    if schedule == "cyclic":
+        return lr * _cyclic_scale(epoch, epochs, step, batches)
+    t_end = epoch - 1 + (step + 1) / batches
+    if schedule == "superconverge":
+        return float(np.interp([t_end], [0, epochs * 2 // 5, epochs], [0, lr, 0])[0])
+    if schedule == "piecewise_step":
+        return lr / 10 ** sum(t_end >= m for m in milestones)
     if epoch < warmup:
         return lr * epoch / warmup
     if schedule == "piecewise":

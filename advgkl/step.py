@@ -24,7 +24,9 @@ from advgkl.data import random_crop_flip, to_unit_float
 from advgkl.ema import EpochAverage, WeightEMA
 from advgkl.methods import METHODS
 from advgkl.objectives import Logits, build_objective, two_view_terms
+from advgkl.losses import cross_entropy
 from advgkl.priors import ClassPrior
+from advgkl.single_step import gradient_alignment
 
 STATS = ("loss", "ce", "robust", "correct")
 
@@ -136,23 +138,31 @@ class TrainStep:
 
     def _forwards(self, x: Tensor, x_adv: Tensor | None) -> tuple[Tensor, Tensor]:
         """(clean logits, adversarial logits) in the method's order; one forward without an
-        attack (attack.eps 0)."""
+        attack (attack.eps 0). A method without a clean forward before the step (the fast
+        methods, Rice et al.'s PGD-AT) gets its adversarial logits twice."""
         if x_adv is None:
             logits_nat = self.train_net(x)
             return logits_nat, logits_nat
+        if self.method.clean_forward != "before":
+            logits_adv = self.train_net(x_adv)
+            return logits_adv, logits_adv
         if self.method.clean_first:
             logits_nat = self.train_net(x)
             return logits_nat, self.train_net(x_adv)
         logits_adv = self.train_net(x_adv)
         return self.train_net(x), logits_adv
 
-    def __call__(self, x: Tensor, y: Tensor, *, attack: PGDAttack, epoch: int,
-                 lr: float) -> dict[str, float]:
-        """One step on the loader's batch (x, y); returns the batch's mean loss terms, its count
-        of correct clean predictions and its size. A non-finite loss returns before any update."""
+    def __call__(self, x: Tensor, y: Tensor, *, attack: PGDAttack, epoch: int, lr: float,
+                 momentum: float | None = None) -> dict[str, float]:
+        """One step on the loader's batch (x, y) at `lr` (and `momentum`, when the schedule
+        cycles it); returns the batch's mean loss terms, its count of correct clean predictions
+        and its size (methods without a clean forward: of the adversarial batch, as their
+        authors log). A non-finite loss returns before any update."""
         data, device = self.cfg.data, self.device
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if momentum is not None:
+                group["momentum"] = momentum
         if data.two_view:  # (basic, augmented) views: one batch, labels twice
             x, y = torch.cat(x), torch.cat([y, y])
         x = x.to(device, non_blocking=True)
@@ -171,11 +181,13 @@ class TrainStep:
             diff = (self.awp.perturb(self.objective, x, x if x_adv is None else x_adv, y, rows)
                     if awp_on else None)
             logits_nat, logits_adv = self._forwards(x, x_adv)
+            reg = (gradient_alignment(self.train_net, x, y, attack.start_grad, attack.eps)
+                   if self.method.input_gradient_reg and x_adv is not None else None)
             logits = Logits(
                 logits_nat, logits_adv, y, rows, epoch=epoch, teacher_nat=teacher_nat,
                 guide=self.natural_train(x) if self.natural is not None else None,
                 teacher_adv=(self._teacher_logits(x if x_adv is None else x_adv)
-                             if self.method.attack == "adaad" else None))
+                             if self.method.attack == "adaad" else None), input_reg=reg)
             out = (two_view_terms(self.objective, logits, data.aug_weight) if data.two_view
                    else self.objective(logits))
         # One device sync per step for the logs and the finiteness check.
@@ -189,6 +201,11 @@ class TrainStep:
         self.optimizer.step()
         if diff is not None:
             self.awp.restore(diff)
+        if self.method.clean_forward == "after" and x_adv is not None:
+            with torch.no_grad(), self.train_amp:  # Rice et al.: for the logs; BN moves
+                logits_nat = self.net(x)
+            stats["ce"], stats["correct"] = torch.stack([
+                cross_entropy(logits_nat, y), (logits_nat.argmax(1) == y).sum().float()]).tolist()
         if self.prior_source == "student":
             self.prior.update(logits_nat[:n_basic], y[:n_basic])
         elif self.prior_source == "teacher":

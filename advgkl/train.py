@@ -30,6 +30,7 @@ from advgkl import distributed
 from advgkl.attacks import PGDAttack, attack_schedule
 from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from advgkl.config import Config, config_to_dict, save_config
+from advgkl.config_methods import attack_description
 from advgkl.data import Split, to_unit_float
 from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import evaluate_pgd
@@ -37,7 +38,8 @@ from advgkl.init_weights import load_init
 from advgkl.methods import METHODS, describe
 from advgkl.models import create_model
 from advgkl.runlog import RunLog, check_trackers
-from advgkl.schedules import learning_rate
+from advgkl.schedules import cyclic_momentum, learning_rate
+from advgkl.single_step import build_single_step
 from advgkl.step import TrainStep
 from advgkl.teacher import Teacher, load_teacher
 from advgkl.train_data import TrainData, epoch_loader, training_data
@@ -85,13 +87,20 @@ def run_dir_for(cfg: Config, config_path: str | Path) -> Path:
 
 
 def build_attack(cfg: Config, epoch: int) -> PGDAttack:
-    """The training attack of `epoch` (1-based), exactly as the trainer runs it."""
-    a = cfg.attack
+    """The training attack of `epoch` (1-based), exactly as the trainer runs it: PGD, or a single
+    step (the method's own, or N-FGSM's published one with attack.kind n_fgsm)."""
+    a, method = cfg.attack, METHODS[cfg.loss.method]
     eps, step_size, steps = attack_schedule(a.schedule, epoch, cfg.train.epochs, eps=a.eps,
                                             step_size=a.step_size, steps=a.steps)
-    return PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=a.norm, objective=a.objective,
-                     random_start=a.random_start, alpha=a.alpha, beta=a.beta, gamma=a.gamma,
-                     bn_train=METHODS[cfg.loss.method].attack_train_mode)
+    common = {"objective": a.objective, "alpha": a.alpha, "beta": a.beta, "gamma": a.gamma,
+              "bn_train": method.attack_train_mode}
+    if a.kind != "pgd":
+        settings = (cfg.loss.settings if method.attack_kind != "pgd"
+                    else METHODS["n_fgsm"].settings())
+        return build_single_step(a.kind, settings, eps, **common)
+    return PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=a.norm,
+                     random_start=a.random_start, final_loss_forward=method.final_loss_forward,
+                     **common)
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
@@ -212,7 +221,7 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
         log.log(f"training {cfg.model.arch} on {cfg.data.dataset} with {cfg.loss.method} "
                 f"on {device} into {run_dir}")
         log.log(f"method: {describe(cfg.loss.method, cfg.loss.settings)}; attack "
-                f"{cfg.attack.objective}, start {cfg.attack.random_start}")
+                f"{attack_description(cfg)}")
         if teacher is not None:
             log.log(f"teacher: {teacher.identity['source']} ({teacher.identity['arch']}, sha256 "
                     f"{teacher.identity['sha256']}), frozen, eval mode")
@@ -237,11 +246,13 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
                    disable=None if echo and ranks.main else True)  # None: off if no terminal
         for i, (x, y) in enumerate(bar):
-            lr = learning_rate(cfg.train.lr_schedule, epoch, cfg.train.epochs, i / len(loader),
+            lr = learning_rate(cfg.train.lr_schedule, epoch, cfg.train.epochs, i, len(loader),
                                lr=cfg.train.lr, warmup=cfg.train.lr_warmup_epochs,
                                milestones=cfg.train.lr_milestones,
                                first=cfg.train.lr_first_epochs)
-            stats = parts(x, y, attack=attack, epoch=epoch, lr=lr)
+            momentum = (cyclic_momentum(epoch, cfg.train.epochs, i, len(loader))
+                        if cfg.train.cycle_momentum else None)
+            stats = parts(x, y, attack=attack, epoch=epoch, lr=lr, momentum=momentum)
             if not math.isfinite(stats["loss"]):
                 kept = (f"{run_dir / 'last.pt'} holds the last good state" if epoch > 1
                         else "no checkpoint was written")

@@ -125,7 +125,7 @@ def test_float32_direction_at_the_last_epoch_of_each_shipped_awp_config(path):
     last-epoch lr (~1e-5, what the trainer did before) loses it to rounding."""
     cfg = load_config(path)
     t = cfg.train
-    last_lr = learning_rate(t.lr_schedule, t.epochs, t.epochs, 0.99, lr=t.lr,
+    last_lr = learning_rate(t.lr_schedule, t.epochs, t.epochs, 99, 100, lr=t.lr,
                             warmup=t.lr_warmup_epochs, milestones=t.lr_milestones,
                             first=t.lr_first_epochs)
     reference = _directions(cfg, t.lr, torch.float64)

@@ -249,7 +249,10 @@ def test_settings_defaults_are_the_published_values():
                  "rslad": {"adv_weight": 5 / 6.0, "nat_weight": 1 / 6.0, "divergence": "kl"},
                  "adaad": {"alpha": 1.0, "divergence": "kl"},
                  "gkl_kd": {"alpha": 1.0, "beta": 16.0, "gamma": 0.05, "temperature": 4.0,
-                            "prior_temperature": 4.0, "warmup": 20, "ce_weight": 1.0}}
+                            "prior_temperature": 4.0, "warmup": 20, "ce_weight": 1.0},
+                 "fgsm_rs": {"step": 1.25, "start": "uniform"},
+                 "n_fgsm": {"noise": 2.0, "step": 1.0, "clip": 0.0},
+                 "grad_align": {"reg_weight": 0.2, "step": 1.25}}
     for method, values in published.items():
         settings = dataclasses.asdict(METHODS[method].settings())
         assert {k: settings[k] for k in values} == values, method
@@ -258,5 +261,7 @@ def test_settings_defaults_are_the_published_values():
                        "mart": ("ce", "normal"), "lbgat": ("kl", "normal"),
                        "ikl": ("kl", "normal"), "gkl": ("kl", "normal"),
                        "ard": ("ce", "uniform_unclamped"), "rslad": ("teacher_kl", "normal"),
-                       "adaad": ("adaad", "normal"), "gkl_kd": ("teacher_kl", "normal")}
+                       "adaad": ("adaad", "normal"), "gkl_kd": ("teacher_kl", "normal"),
+                       "fgsm_rs": ("ce", "none"), "n_fgsm": ("ce", "none"),
+                       "grad_align": ("ce", "none")}
     assert METHODS["gkl"].attack_objective("cifar100") == "gkl"

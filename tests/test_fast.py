@@ -1,0 +1,225 @@
+"""The fast methods and Rice et al.'s PGD-AT compute what their authors' scripts computed: our
+trainer against a literal transcription of each script's training loop (the attack in the
+model's train mode, the clamps in their order, the same random draws, the per-step lr), in
+float64, over several epochs, on images with saturated pixels and every class in each epoch.
+
+Transcribed from: Wong et al., locuslab/fast_adversarial 54f7287 CIFAR10/train_fgsm.py;
+de Jorge et al., pdejorge/N-FGSM 0a9e4f0 train.py; Andriushchenko & Flammarion,
+tml-epfl/understanding-fast-adv-training ceed494 train.py and utils.py; Rice et al.,
+locuslab/robust_overfitting c47a25c train_cifar.py (normalisation outside their models is
+inside ours: the same function of the [0, 1] image).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import advgkl.train as train_mod
+import advgkl.train_data as train_data
+from advgkl.checkpoint import load_checkpoint
+from advgkl.config import build_config
+from advgkl.data import train_dataset
+from advgkl.distributed import DistInfo
+from advgkl.models import create_model
+from advgkl.single_step import build_single_step, gradient_alignment
+from advgkl.methods import METHODS
+from helpers import assert_states_close
+from test_paper_pipeline import N_IMAGES, saturated_images
+
+EPS = 8 / 255
+BASE = {"data": {"dataset": "cifar10", "augment": "none", "num_workers": 0},
+        "model": {"arch": "wrn-10-1"}, "awp": {"gamma": 0.0},
+        "train": {"batch_size": 100, "device": "cpu", "seed": 3},
+        "eval": {"check": "none"}}
+
+
+def _clamp(x, lower, upper):  # their utils.clamp
+    return torch.max(torch.min(x, upper), lower)
+
+
+def _uniform_per_channel(x, radius):
+    delta = torch.zeros_like(x)
+    for j in range(x.shape[1]):
+        delta[:, j, :, :].uniform_(-radius, radius)
+    return delta
+
+
+def wong_or_de_jorge(model, batches, epochs, n, *, n_fgsm):
+    """train_fgsm.py (FGSM-RS: --delta-init random, alpha 10/255) or N-FGSM's train.py (unif 2,
+    alpha 8/255, clip -1): CyclicLR 0 -> 0.2 -> 0, SGD 0.9, wd 5e-4, the model in train mode."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=0.2,
+                                                  step_size_up=epochs * n / 2,
+                                                  step_size_down=epochs * n / 2)
+    model.train()
+    alpha = (1.0 if n_fgsm else 1.25) * EPS
+    for epoch in range(1, epochs + 1):
+        for X, y in batches(epoch):
+            if n_fgsm:
+                eta = _clamp(_uniform_per_channel(X, 2.0 * EPS), -X, 1 - X)
+                eta.requires_grad = True
+                grad = torch.autograd.grad(F.cross_entropy(model(X + eta), y), eta)[0].detach()
+                delta = _clamp(eta + alpha * torch.sign(grad), -X, 1 - X).detach()
+            else:
+                delta = _uniform_per_channel(X, EPS)
+                delta.data = _clamp(delta, -X, 1 - X)
+                delta.requires_grad = True
+                F.cross_entropy(model(X + delta), y).backward()
+                grad = delta.grad.detach()
+                delta.data = _clamp(delta + alpha * torch.sign(grad), -EPS * torch.ones_like(X),
+                                    EPS * torch.ones_like(X))
+                delta.data = _clamp(delta, -X, 1 - X)
+                delta = delta.detach()
+            loss = F.cross_entropy(model(X + delta), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            scheduler.step()
+    return model.state_dict()
+
+
+def andriushchenko(model, batches, epochs, n, *, lam=0.2):
+    """GradAlign: --attack fgsm --attack_init zero, fgsm_alpha 1.25, the cyclic lr (peak at
+    2/5, lr_max 0.2) set per step at t = epoch - 1 + (i + 1) / n; their epoch 0 (one forward-only
+    batch) left out: our trainer does not run it."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for epoch in range(1, epochs + 1):
+        for i, (X, y) in enumerate(batches(epoch)):
+            lr = np.interp([epoch - 1 + (i + 1) / n], [0, epochs * 2 // 5, epochs], [0, 0.2, 0])[0]
+            opt.param_groups[0].update(lr=lr)
+            delta = torch.zeros_like(X, requires_grad=True)
+            loss = F.cross_entropy(model(torch.clamp(X + delta, 0, 1)), y)
+            grad = torch.autograd.grad(loss, delta, create_graph=True)[0].detach()
+            delta.data = torch.clamp(delta.data + 1.25 * EPS * torch.sign(grad), -EPS, EPS)
+            delta.data = torch.clamp(X + delta.data, 0, 1) - X
+            delta = delta.detach()
+            loss = F.cross_entropy(model(X + delta), y)
+            eta = torch.zeros(X.shape).uniform_(-EPS, EPS).requires_grad_(True)
+            grad2 = torch.autograd.grad(F.cross_entropy(model(X + eta), y), eta,
+                                        create_graph=True)[0]
+            nnz = ((grad ** 2).sum([1, 2, 3]) ** 0.5 != 0) * ((grad2 ** 2).sum([1, 2, 3]) ** 0.5 != 0)
+            g1, g2 = grad[nnz], grad2[nnz]
+            g1 = g1 / ((g1 ** 2).sum([1, 2, 3]) ** 0.5)[:, None, None, None]
+            g2 = g2 / ((g2 ** 2).sum([1, 2, 3]) ** 0.5)[:, None, None, None]
+            loss = loss + lam * (1.0 - torch.sum(g1 * g2, (1, 2, 3)).mean())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.state_dict()
+
+
+def rice(model, batches, epochs, n, *, steps):
+    """train_cifar.py --attack pgd: lr 0.1 piecewise per step (/10 from t/epochs >= 0.5, /100
+    from 0.75), the attack in train mode with its final per-point loss forward, the clean forward
+    after the step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for epoch in range(epochs):
+        model.train()
+        for i, (X, y) in enumerate(batches(epoch + 1)):
+            t = epoch + (i + 1) / n
+            opt.param_groups[0].update(lr=0.1 if t / epochs < 0.5 else
+                                       0.01 if t / epochs < 0.75 else 0.001)
+            max_loss, max_delta = torch.zeros(y.shape[0]), torch.zeros_like(X)
+            delta = torch.zeros_like(X)
+            delta.uniform_(-EPS, EPS)
+            delta = _clamp(delta, -X, 1 - X)
+            delta.requires_grad = True
+            for _ in range(steps):
+                F.cross_entropy(model(X + delta), y).backward()
+                grad = delta.grad.detach()
+                d = torch.clamp(delta + 2 / 255 * torch.sign(grad), min=-EPS, max=EPS)
+                delta.data = _clamp(d, -X, 1 - X)
+                delta.grad.zero_()
+            all_loss = F.cross_entropy(model(X + delta), y, reduction="none")
+            max_delta[all_loss >= max_loss] = delta.detach()[all_loss >= max_loss]
+            robust_loss = F.cross_entropy(model(torch.clamp(X + max_delta, 0, 1)), y)
+            opt.zero_grad()
+            robust_loss.backward()
+            opt.step()
+            model(X)
+    return model.state_dict()
+
+
+CASES = {
+    "fgsm_rs": ({"train": {"epochs": 3, "lr": 0.2, "lr_schedule": "cyclic",
+                           "cycle_momentum": True}},
+                lambda m, b, e, n: wong_or_de_jorge(m, b, e, n, n_fgsm=False)),
+    "n_fgsm": ({"train": {"epochs": 3, "lr": 0.2, "lr_schedule": "cyclic",
+                          "cycle_momentum": True}},
+               lambda m, b, e, n: wong_or_de_jorge(m, b, e, n, n_fgsm=True)),
+    "grad_align": ({"train": {"epochs": 3, "lr": 0.2, "lr_schedule": "superconverge"}},
+                   andriushchenko),
+    "pgd_at": ({"train": {"epochs": 4, "lr": 0.1, "lr_schedule": "piecewise_step",
+                          "lr_milestones": [2, 3]}, "attack": {"steps": 3}},
+               lambda m, b, e, n: rice(m, b, e, n, steps=3)),
+}
+
+
+def _config(method, extra):
+    tree = {k: dict(v) for k, v in BASE.items()}
+    tree["loss"] = {"method": method}
+    for section, values in extra.items():
+        tree.setdefault(section, {}).update(values)
+    return build_config(tree)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(CASES))
+def test_trainer_equals_a_transcription_of_the_authors_script(method, tmp_path, monkeypatch,
+                                                              float64):
+    monkeypatch.setattr(train_data, "load_split", saturated_images)
+    extra, authors = CASES[method]
+    cfg = _config(method, extra)
+    train_mod.train(cfg, tmp_path / "run", echo=False)
+
+    dataset = train_dataset(saturated_images("cifar10", train=True), augment="none",
+                            two_view=False)
+
+    def batches(epoch):  # the same images in the same order as the trainer drew them
+        yield from train_data.epoch_loader(cfg, dataset, N_IMAGES, DistInfo(), epoch, False)
+
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(cfg.model.arch, 10)
+    theirs = authors(model, batches, cfg.train.epochs, N_IMAGES // cfg.train.batch_size)
+    ours = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    assert_states_close(ours, theirs, f"{method} weights", bound=1e-10)
+    # BatchNorm's running statistics moved with every forward the script runs in train mode.
+    assert_states_close(ours, {k: v for k, v in theirs.items() if "running" in k},
+                        f"{method} BN statistics", bound=1e-10)
+
+
+def test_n_fgsm_delta_is_not_projected_and_fgsm_rs_delta_is(float64):
+    """N-FGSM's delta reaches past eps (up to 3 eps at k = 2), FGSM-RS's stays in the ball; both
+    keep x + delta in the image."""
+    torch.manual_seed(0)
+    model = create_model("wrn-10-1", 10)
+    x, y = saturated_images("cifar10", train=True).images[:32].double() / 255, torch.arange(32) % 10
+    for method, bound in (("n_fgsm", 3 * EPS), ("fgsm_rs", EPS)):
+        attack = build_single_step(METHODS[method].attack_kind, METHODS[method].settings(), EPS,
+                                   objective="ce", bn_train=True)
+        delta = (attack(model, x, y) - x).abs().amax()
+        assert delta <= bound + 1e-12
+        assert (delta > 1.5 * EPS) == (method == "n_fgsm")
+        assert attack.start_grad is not None
+
+
+def test_gradient_alignment_leaves_out_zero_gradients_and_backprops_twice(float64):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    grad = torch.randn_like(x)
+    grad[1] = 0                          # left out: the mean runs over the other three
+    torch.manual_seed(1)
+    reg = gradient_alignment(model, x, y, grad, EPS)
+    torch.manual_seed(1)
+    eta = torch.zeros_like(x).uniform_(-EPS, EPS).requires_grad_(True)
+    g2 = torch.autograd.grad(F.cross_entropy(model(x + eta), y), eta, create_graph=True)[0]
+    keep = [0, 2, 3]
+    cos = F.cosine_similarity(grad[keep].flatten(1), g2[keep].flatten(1), dim=1, eps=0)
+    assert torch.allclose(reg, 1 - cos.mean(), atol=1e-14)
+    (weight_grad,) = torch.autograd.grad(reg, [model[1].weight])
+    assert weight_grad.abs().sum() > 0   # the regularizer reaches the weights (double backprop)
