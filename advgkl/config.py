@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from advgkl.co_guard import MODES as CO_GUARD_MODES
 from advgkl.config_methods import (GKL_ATTACK_WEIGHTS, PGD_ONLY, bind, last_method,
                                    method_bound,
                                    resolve_method)
@@ -179,6 +180,19 @@ class TrainConfig:
     epoch_avg_start: int = opt(1, ge=1, doc="the epoch whose weights start the epoch average")
     save_every: int = opt(0, ge=0, doc="keep epoch-NNN.pt (the model's weights) every N epochs; "
                           "0: none")
+    co_guard: str = opt("auto", choices=CO_GUARD_MODES,
+                        doc="catastrophic-overfitting guard after each epoch (PGD and FGSM on "
+                        "validation points): off, warn, stop (keep the last good epoch) or "
+                        "rollback (redo the epoch at half the lr); auto: stop for single-step "
+                        "training with eval.check=val, else off")
+    co_guard_points: int = opt(512, ge=1, doc="validation points the guard attacks")
+    co_guard_steps: int = opt(10, ge=1, doc="the guard's PGD steps (2.5 eps / steps each)")
+    co_guard_drop: float = opt(0.2, gt=0, le=1, doc="catastrophic: PGD accuracy falls by more "
+                               "than this from the last good epoch (Wong et al.: 0.2)")
+    co_guard_fraction: float = opt(0.5, ge=0, lt=1, doc="... or below this fraction of the best "
+                                   "good epoch's")
+    co_guard_min_drop: float = opt(0.1, ge=0, le=1, doc="... and by more than this below it")
+    co_guard_rollbacks: int = opt(3, ge=1, doc="rollbacks before the guard stops instead")
     seed: int = opt(0, ge=0)
     device: str = opt("auto", doc="auto, cpu, cuda or cuda:N")
     precision: str = opt("fp32", choices=("fp32", "bf16"),

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from advgkl.co_guard import summary as co_guard_summary
 from advgkl.checkpoint import default_weights, load_checkpoint, model_from_checkpoint
 from advgkl.data import NUM_CLASSES, as_float, load_split, to_unit_float
 from advgkl.errors import UserError, check_plain_name
@@ -29,6 +30,7 @@ from advgkl.eval_speed import probe_batch_size, speed_up
 from advgkl.folders import (FOLDER_DATASETS, check_preprocessing, default_points, folder_classes,
                             load_points)
 from advgkl.leaderboard import detailed_record, model_info, sha256_file, write_new
+from advgkl.machine import describe_machine
 
 
 @dataclass
@@ -196,8 +198,8 @@ def write_records(result: EvalResult, base: dict, paths: dict[str, Path],
         result, dataset=base["dataset"], arch=base["architecture"], checkpoint=base["checkpoint"],
         checkpoint_sha256=base["checkpoint_sha256"], weights=base["weights"],
         config=base["config"]),
-        **{key: base.get(key) for key in ("selection", "training", "speed", "data",
-                                          "flags_vs_reference")}}
+        **{key: base.get(key) for key in ("selection", "training", "speed", "machine", "data",
+                                          "flags_vs_reference", "sanity")}}
     write_new(paths["detailed"], json.dumps(detailed, indent=2) + "\n")
     if "info" in paths:
         warning = _selection_footnote(detailed["selection"])
@@ -292,7 +294,8 @@ def training_of(ckpt: dict) -> dict | None:
                   f"{attack_description(cfg)}")
     except UserError:
         method = str((config.get("loss") or {}).get("method"))
-    return {"method": method, "teacher": ckpt.get("teacher")}
+    return {"method": method, "teacher": ckpt.get("teacher"),
+            "co_guard": co_guard_summary(ckpt.get("co_guard"))}
 
 
 def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
@@ -342,6 +345,7 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
         result, dataset=dataset, arch=subject.arch, checkpoint=subject.checkpoint,
         checkpoint_sha256=subject.sha256, weights=subject.weights, config=subject.config),
         "selection": subject.selection, "training": subject.training, "speed": speed,
+        "machine": describe_machine(device),
         "data": points or None,
         "flags_vs_reference": (compare_flags(result, job.compare_with) if job.compare_with
                                else None)}

@@ -93,6 +93,8 @@ def set_field(obj: Any, key: str, name: str, value: Any) -> None:
     """Set `obj.name` (dataclass field, dotted `key` in messages), type- and range-checked."""
     fields_ = {f.name: f for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
+    if value is False and "off" in (fields_[name].metadata.get("choices") or ()):
+        value = "off"  # YAML 1.1 reads a bare off as false
     coerced = coerce(key, value, hints[name])
     check_field(key, coerced, fields_[name].metadata)
     setattr(obj, name, coerced)

@@ -62,7 +62,8 @@ class _WandB:
 _TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB}
 
 METRIC_FIELDS = ("epoch", "lr", "loss", "ce", "robust", "train_acc", "clean_acc", "robust_acc",
-                 "eval_weights", "check_points", "eps", "attack_steps", "images_per_s", "seconds")
+                 "eval_weights", "check_points", "eps", "attack_steps", "images_per_s", "seconds",
+                 "co_pgd_acc", "co_fgsm_acc", "co_event")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -135,7 +136,16 @@ class RunLog:
             points = [(e, 100 * float(r[key])) for e, r in zip(epochs, rows) if r.get(key)]
             if points:  # no check (eval.check=none): no clean / PGD curve
                 acc.plot(*zip(*points), marker=".", label=label)
-        acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+        for key, label in (("co_pgd_acc", "CO guard PGD"), ("co_fgsm_acc", "CO guard FGSM")):
+            points = [(e, 100 * float(r[key])) for e, r in zip(epochs, rows) if r.get(key)]
+            if points:
+                acc.plot(*zip(*points), marker="x", linestyle=":", label=label)
+        for e, r in zip(epochs, rows):
+            if r.get("co_event"):
+                acc.axvline(e, color="red", alpha=0.3)
+        acc.set(xlabel="epoch (red: catastrophic overfitting)" if any(
+            r.get("co_event") for r in rows) else "epoch", ylabel="accuracy (%)",
+            title="accuracy")
         acc.legend()
         for key in ("loss", "ce", "robust"):
             loss.plot(epochs, [float(r[key]) for r in rows], marker=".", label=key)

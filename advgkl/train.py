@@ -16,27 +16,28 @@ before its first checkpoint removes the folder it created.
 from __future__ import annotations
 
 import math
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from advgkl import distributed
 from advgkl.attacks import PGDAttack, attack_schedule
 from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from advgkl.co_guard import COGuard, guard_mode
 from advgkl.config import Config, config_to_dict, save_config
 from advgkl.config_methods import attack_description
 from advgkl.data import Split, to_unit_float
 from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import evaluate_pgd
 from advgkl.init_weights import load_init
+from advgkl.machine import describe_machine
 from advgkl.methods import METHODS, describe
 from advgkl.models import create_model
+from advgkl.rng import rng_state, seed_everything, set_rng_state
 from advgkl.runlog import RunLog, check_trackers
 from advgkl.schedules import cyclic_momentum, learning_rate
 from advgkl.single_step import build_single_step
@@ -55,29 +56,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device: {name!r} asked for, but no CUDA GPU is available")
     return torch.device(name)
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def run_dir_for(cfg: Config, config_path: str | Path) -> Path:
@@ -216,10 +194,12 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
     start_epoch, step, best = 1, 0, -1.0
     if ckpt is not None:
         start_epoch, step, best = _restore(parts, ckpt, log)
-        log.log(f"resumed from {run_dir / 'last.pt'} after epoch {ckpt['epoch']}")
+        log.log(f"resumed from {run_dir / 'last.pt'} after epoch {ckpt['epoch']} on "
+                f"{describe_machine(device)}")
     else:
         log.log(f"training {cfg.model.arch} on {cfg.data.dataset} with {cfg.loss.method} "
                 f"on {device} into {run_dir}")
+        log.log(f"machine: {describe_machine(device)}")
         log.log(f"method: {describe(cfg.loss.method, cfg.loss.settings)}; attack "
                 f"{attack_description(cfg)}")
         if teacher is not None:
@@ -236,58 +216,109 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
     if check is not None:
         check = Split(to_unit_float(check.images).to(device), check.labels.to(device))
 
+    guard = _guard(cfg, check, log)
+    if guard is not None and ckpt is not None and ckpt.get("co_guard"):
+        guard.load_state_dict(ckpt["co_guard"])
+    if guard is not None and guard.state.stopped_at:
+        log.log(f"the CO guard stopped this run at epoch {guard.state.stopped_at}; nothing to "
+                f"resume (the final model is epoch {guard.state.good_epoch}'s)")
+        return {}
     metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
+    epoch = start_epoch
+    while epoch <= cfg.train.epochs:
         attack = build_attack(cfg, epoch)
         loader = epoch_loader(cfg, dataset, n_real, ranks, epoch, device.type == "cuda")
-        parts.model.train()
-        sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "correct": 0, "seen": 0}
-        start = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
-                   disable=None if echo and ranks.main else True)  # None: off if no terminal
-        for i, (x, y) in enumerate(bar):
-            lr = learning_rate(cfg.train.lr_schedule, epoch, cfg.train.epochs, i, len(loader),
-                               lr=cfg.train.lr, warmup=cfg.train.lr_warmup_epochs,
-                               milestones=cfg.train.lr_milestones,
-                               first=cfg.train.lr_first_epochs)
-            momentum = (cyclic_momentum(epoch, cfg.train.epochs, i, len(loader))
-                        if cfg.train.cycle_momentum else None)
-            stats = parts(x, y, attack=attack, epoch=epoch, lr=lr, momentum=momentum)
-            if not math.isfinite(stats["loss"]):
-                kept = (f"{run_dir / 'last.pt'} holds the last good state" if epoch > 1
-                        else "no checkpoint was written")
-                raise TrainingError(f"non-finite loss ({stats['loss']}) at epoch {epoch}, step "
-                                    f"{i + 1}; {kept}")
-            step += 1
-            if cfg.run.log_every and step % cfg.run.log_every == 0:
-                log.track({"step/lr": lr, **{f"step/{k}": stats[k]
-                                             for k in ("loss", "ce", "robust")}}, step)
-            for key in ("loss", "ce", "robust"):
-                sums[key] += stats[key] * stats["n"]
-            sums["correct"] += int(stats["correct"])
-            sums["seen"] += stats["n"]
-            bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
-                            img_s=f"{sums['seen'] / (time.perf_counter() - start):.0f}")
+        lr_scale = guard.state.lr_scale if guard is not None else 1.0
+        sums, lr, seconds, step = _train_epoch(cfg, parts, loader, attack, epoch, step, lr_scale,
+                                               run_dir, log, echo and ranks.main)
         parts.prior.end_epoch()
         if parts.epoch_avg is not None:
             parts.epoch_avg.update(parts.model.state_dict(), epoch)
-        seconds = time.perf_counter() - start
         totals = distributed.all_reduce_sum(
             [sums[k] for k in ("loss", "ce", "robust", "correct", "seen")], ranks, device)
         distributed.assert_ranks_agree(
             torch.stack([p.detach().double().sum() for p in parts.model.parameters()]
                         + [parts.prior.prior.double().sum()]), ranks, "weights or class prior")
-        if not ranks.main:  # rank 0 evaluates, logs and saves
+        action = ""
+        if ranks.main:  # rank 0 evaluates, logs and saves
+            loss_sum, ce_sum, robust_sum, correct, seen = totals
+            metrics = {"epoch": epoch, "lr": lr, "loss": loss_sum / seen, "ce": ce_sum / seen,
+                       "robust": robust_sum / seen, "train_acc": correct / seen,
+                       "check_points": check_label, "eps": attack.eps,
+                       "attack_steps": attack.steps, "images_per_s": seen / seconds,
+                       "seconds": seconds}
+            best, action = _end_epoch(cfg, run_dir, parts, check, check_label, epoch, step, best,
+                                      metrics, log, teacher, guard)
+        action = _ACTIONS[int(distributed.all_reduce_sum([_ACTIONS.index(action)], ranks,
+                                                         device)[0])]
+        if action == "stop":
+            break
+        if action == "rollback":  # every rank restores the state rank 0 rewrote into last.pt
+            distributed.barrier(ranks)
+            restored = load_checkpoint(run_dir / "last.pt", map_location="cpu")
+            epoch, step, best = _restore(parts, restored, log)
+            guard.load_state_dict(restored["co_guard"])
             continue
-        loss_sum, ce_sum, robust_sum, correct, seen = totals
-        metrics = {"epoch": epoch, "lr": lr, "loss": loss_sum / seen, "ce": ce_sum / seen,
-                   "robust": robust_sum / seen, "train_acc": correct / seen,
-                   "check_points": check_label, "eps": attack.eps, "attack_steps": attack.steps,
-                   "images_per_s": seen / seconds, "seconds": seconds}
-        best = _end_epoch(cfg, run_dir, parts, check, check_label, epoch, step, best, metrics, log,
-                          teacher)
+        epoch += 1
     distributed.barrier(ranks)
     return metrics
+
+
+_ACTIONS = ("", "warn", "stop", "rollback")
+
+
+def _guard(cfg: Config, check: Split | None, log: RunLog) -> COGuard | None:
+    """The run's catastrophic-overfitting guard (None: off), on the first co_guard_points of
+    the validation split."""
+    t = cfg.train
+    mode, note = guard_mode(t.co_guard, single_step=cfg.attack.kind != "pgd",
+                            check=cfg.eval.check)
+    if note:
+        log.log(f"note: {note}")
+    if mode == "off":
+        return None
+    n = min(t.co_guard_points, len(check.labels))
+    log.log(f"CO guard: {mode}; PGD-{t.co_guard_steps} and FGSM at eps {cfg.attack.eps:.4g} on "
+            f"{n} validation points after each epoch")
+    return COGuard(mode, check.images[:n], check.labels[:n], eps=cfg.attack.eps,
+                   steps=t.co_guard_steps, drop=t.co_guard_drop, fraction=t.co_guard_fraction,
+                   min_drop=t.co_guard_min_drop, rollbacks=t.co_guard_rollbacks, batch_size=cfg.eval.batch_size)
+
+
+def _train_epoch(cfg: Config, parts: TrainStep, loader: Iterable, attack: PGDAttack, epoch: int,
+                 step: int, lr_scale: float, run_dir: Path, log: RunLog,
+                 echo: bool) -> tuple[dict[str, float], float, float, int]:
+    """One epoch of steps; (sums of the loss terms, correct and seen; the last lr; seconds; the
+    global step after it)."""
+    t = cfg.train
+    parts.model.train()
+    sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "correct": 0, "seen": 0}
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", leave=False,
+               disable=None if echo else True)  # None: off if no terminal
+    lr = 0.0
+    for i, (x, y) in enumerate(bar):
+        lr = lr_scale * learning_rate(t.lr_schedule, epoch, t.epochs, i, len(loader), lr=t.lr,
+                                      warmup=t.lr_warmup_epochs, milestones=t.lr_milestones,
+                                      first=t.lr_first_epochs)
+        momentum = cyclic_momentum(epoch, t.epochs, i, len(loader)) if t.cycle_momentum else None
+        stats = parts(x, y, attack=attack, epoch=epoch, lr=lr, momentum=momentum)
+        if not math.isfinite(stats["loss"]):
+            kept = (f"{run_dir / 'last.pt'} holds the last good state" if epoch > 1
+                    else "no checkpoint was written")
+            raise TrainingError(f"non-finite loss ({stats['loss']}) at epoch {epoch}, step "
+                                f"{i + 1}; {kept}")
+        step += 1
+        if cfg.run.log_every and step % cfg.run.log_every == 0:
+            log.track({"step/lr": lr, **{f"step/{k}": stats[k]
+                                         for k in ("loss", "ce", "robust")}}, step)
+        for key in ("loss", "ce", "robust"):
+            sums[key] += stats[key] * stats["n"]
+        sums["correct"] += int(stats["correct"])
+        sums["seen"] += stats["n"]
+        bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
+                        img_s=f"{sums['seen'] / (time.perf_counter() - start):.0f}")
+    return sums, lr, time.perf_counter() - start, step
 
 
 def _check_weights(cfg: Config, parts: TrainStep) -> tuple[torch.nn.Module, str]:
@@ -303,10 +334,13 @@ def _check_weights(cfg: Config, parts: TrainStep) -> tuple[torch.nn.Module, str]
 
 def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None,
                check_label: str, epoch: int, step: int, best: float, metrics: dict[str, Any],
-               log: RunLog, teacher: Teacher | None) -> float:
-    """The check, the files and the logs of a finished epoch (rank 0); returns the best robust
-    accuracy so far. Side files first, last.pt last: a kill in between redoes the epoch."""
-    is_best, selection, note = False, None, ""
+               log: RunLog, teacher: Teacher | None,
+               guard: COGuard | None) -> tuple[float, str]:
+    """The checks, the files and the logs of a finished epoch (rank 0); returns the best robust
+    accuracy so far and the CO guard's action. Side files first, last.pt last: a kill in between
+    redoes the epoch. An epoch the guard stops or rolls back writes no weights: last.pt keeps the
+    last good epoch's, with the guard's new state."""
+    is_best, selection, note, action = False, None, "", ""
     if check is not None:
         module, weights = _check_weights(cfg, parts)
         result = evaluate_pgd(module, check.images, check.labels, eps=cfg.eval.eps,
@@ -314,7 +348,11 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
                               batch_size=cfg.eval.batch_size, progress=False)
         metrics.update(clean_acc=result.clean_acc, robust_acc=result.robust_acc,
                        eval_weights=weights)
-        is_best, best = result.robust_acc > best, max(best, result.robust_acc)
+        if guard is not None:
+            guard_metrics, action = guard.check(parts.model, epoch)
+            metrics.update(guard_metrics)
+        if action not in ("stop", "rollback"):
+            is_best, best = result.robust_acc > best, max(best, result.robust_acc)
         selection = {"points": check_label, "metric": f"PGD-{cfg.eval.pgd_steps} robust accuracy",
                      "weights": weights, "on_test_points": check_label.startswith("TEST")}
         note = (f", clean {100 * result.clean_acc:.2f}%, PGD-{cfg.eval.pgd_steps} "
@@ -331,7 +369,16 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
                  if parts.natural is not None else None),
         teacher=teacher.identity if teacher is not None else None,
         epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(), config=config,
-        metrics=metrics, check=selection)
+        metrics=metrics, check=selection,
+        co_guard=guard.state_dict() if guard is not None else None)
+    if action in ("stop", "rollback"):
+        _log_epoch(log, metrics, step, note)
+        log.log(guard.message(epoch))
+        for name in ("last.pt", "best.pt") if action == "stop" else ("last.pt",):
+            if (run_dir / name).exists():
+                kept = load_checkpoint(run_dir / name, map_location="cpu")
+                save_checkpoint(run_dir / name, {**kept, "co_guard": guard.state_dict()})
+        return best, action
     if cfg.train.save_every and epoch % cfg.train.save_every == 0:
         save_checkpoint(run_dir / f"epoch-{epoch:03d}.pt", model_checkpoint(
             parts.model.state_dict(), arch=arch, num_classes=num_classes, arch_kwargs=kwargs,
@@ -346,9 +393,17 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
     if is_best:
         save_checkpoint(run_dir / "best.pt", {**ckpt, "selected_by": selection})
     save_checkpoint(run_dir / "last.pt", ckpt)
+    _log_epoch(log, metrics, step, note)
+    if action == "warn":
+        log.log(guard.message(epoch))
+    return best, action
+
+
+def _log_epoch(log: RunLog, metrics: dict[str, Any], step: int, note: str) -> None:
     log.append_metrics(metrics)
     log.track({f"epoch/{k}": v for k, v in metrics.items()}, step)
     log.plot()
-    log.log(f"epoch {epoch}: loss {metrics['loss']:.4f}, train {100 * metrics['train_acc']:.2f}%"
-            f"{note}, {metrics['images_per_s']:.0f} img/s")
-    return best
+    guard = (f", CO guard PGD {100 * metrics['co_pgd_acc']:.1f}% FGSM "
+             f"{100 * metrics['co_fgsm_acc']:.1f}%" if "co_pgd_acc" in metrics else "")
+    log.log(f"epoch {metrics['epoch']}: loss {metrics['loss']:.4f}, train "
+            f"{100 * metrics['train_acc']:.2f}%{note}{guard}, {metrics['images_per_s']:.0f} img/s")

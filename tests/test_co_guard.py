@@ -1,0 +1,125 @@
+"""The catastrophic-overfitting guard, through the commands a user types: FGSM without a random
+start at the demo's budget (eps 32/255) overfits catastrophically on the digits around epoch 10
+(PGD accuracy on the validation points falls from ~30 % to ~15 % while FGSM's climbs to ~80 %);
+the guard rolls back, stops, keeps the last good weights and says so; a resume keeps its state;
+a healthy run trains exactly as without it."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import advgkl.train as train_mod
+from advgkl.checkpoint import load_checkpoint
+from advgkl.co_guard import COGuard, guard_mode
+from advgkl.config import load_config
+from advgkl.errors import UserError
+from helpers import kill_when
+
+ROOT = Path(__file__).parent.parent
+DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
+FGSM = ["loss.method=fgsm_rs", "loss.start=zero", "train.co_guard=rollback",
+        "train.co_guard_rollbacks=1", "train.save_every=1"]
+
+
+def advgkl(*args):
+    return subprocess.run([sys.executable, "-m", "advgkl", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def rows(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """The FGSM run, SIGKILLed right after its rollback and resumed."""
+    out = tmp_path_factory.mktemp("co")
+    proc = subprocess.Popen([sys.executable, "-m", "advgkl", "train", str(DEMO), *FGSM,
+                             f"run.out_dir={out}", "run.name=fgsm"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "fgsm" / "train.log"
+    kill_when(proc, lambda: log.exists() and "state restored" in log.read_text())
+    proc.wait()
+    resumed = advgkl("train", "--resume", str(out / "fgsm"))
+    assert resumed.returncode == 0, resumed.stderr
+    return out / "fgsm"
+
+
+@pytest.mark.slow
+def test_guard_rolls_back_then_stops_and_keeps_the_last_good_weights(overfit):
+    log = (overfit / "train.log").read_text()
+    assert "CO guard: catastrophic overfitting at epoch" in log
+    table = rows(overfit)
+    events = [r for r in table if r["co_event"]]
+    assert [e["co_event"] for e in events] == ["rollback", "stop"]
+    redo = int(events[0]["epoch"])
+    attempts = [r for r in table if int(r["epoch"]) == redo]
+    assert len(attempts) == 2  # the epoch, then its redo at half the lr
+    assert float(attempts[1]["lr"]) == pytest.approx(float(attempts[0]["lr"]) / 2, rel=1e-12)
+    for r in events:           # the collapse the guard saw: PGD fell, FGSM did not
+        assert float(r["co_fgsm_acc"]) > float(r["co_pgd_acc"]) + 0.3
+    stop = int(events[1]["epoch"])
+    last = load_checkpoint(overfit / "last.pt")
+    state = last["co_guard"]
+    assert (state["stopped_at"], state["good_epoch"], last["epoch"]) == (stop, stop - 1, stop - 1)
+    assert (state["rollbacks"], state["lr_scale"]) == (1, 0.5)   # kept across the SIGKILL
+    kept = load_checkpoint(overfit / f"epoch-{stop - 1:03d}.pt")["model"]
+    assert all(torch.equal(last["model"][k], v) for k, v in kept.items())
+    assert not (overfit / f"epoch-{stop:03d}.pt").exists()
+    assert f"training stops; the final model is epoch {stop - 1}'s" in log
+    again = advgkl("train", "--resume", str(overfit))
+    assert again.returncode == 0 and "nothing to resume" in again.stdout
+
+
+@pytest.mark.slow
+def test_every_evaluation_record_of_a_stopped_run_says_so(overfit, tmp_path):
+    done = advgkl("eval", str(overfit / "last.pt"), "--quick", "pgd-5", "--n-examples", "40",
+                  "--out", str(tmp_path), "--eps", "32/255")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert "training STOPPED" in record["training"]["co_guard"]
+    assert "its own single step (fgsm)" in record["training"]["method"]
+    assert "threads, torch" in record["machine"]
+
+
+def test_a_healthy_run_is_left_alone(tmp_path):
+    """Guard on (warn) or off: the same weights to the bit (its attacks draw from their own
+    random stream), and no event in a healthy N-FGSM run."""
+    weights = {}
+    for mode in ("off", "warn"):
+        cfg = load_config(DEMO, ["loss.method=n_fgsm", f"train.co_guard={mode}",
+                                 "train.epochs=4"])
+        train_mod.train(cfg, tmp_path / mode, echo=False)
+        weights[mode] = load_checkpoint(tmp_path / mode / "last.pt")["model"]
+    assert all(torch.equal(weights["off"][k], v) for k, v in weights["warn"].items())
+    table = rows(tmp_path / "warn")
+    assert all(r["co_pgd_acc"] and not r["co_event"] for r in table)
+    assert not any(r["co_pgd_acc"] for r in rows(tmp_path / "off"))
+
+
+def test_guard_modes_and_rules():
+    assert guard_mode("auto", single_step=True, check="val") == ("stop", "")
+    assert guard_mode("auto", single_step=False, check="val") == ("off", "")
+    assert "needs a validation split" in guard_mode("auto", single_step=True, check="none")[1]
+    with pytest.raises(UserError, match="eval.check=val"):
+        guard_mode("stop", single_step=False, check="test")
+    guard = COGuard("warn", torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long),
+                    eps=0.1, steps=2, drop=0.2, fraction=0.5, min_drop=0.1, rollbacks=1,
+                    batch_size=1)
+    results = iter([0.30, 0.20, 0.04, 0.08, 0.40, 0.09])
+    guard._measure = lambda model: (next(results), 1.0)
+    actions = [guard.check(None, epoch)[1] for epoch in range(1, 7)]
+    # 0.20: drop 0.10, above half the best: fine. 0.04: below half of 0.30 by 0.26. 0.08 after
+    # a best of 0.30: still. 0.40: fine. 0.09: by 0.31 below the last good: Wong's rule.
+    assert actions == ["", "", "warn", "warn", "", "warn"]
+    low = COGuard("warn", torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), eps=0.1,
+                  steps=2, drop=0.2, fraction=0.5, min_drop=0.1, rollbacks=1, batch_size=1)
+    results = iter([0.05, 0.01])
+    low._measure = lambda model: (next(results), 1.0)
+    assert [low.check(None, e)[1] for e in (1, 2)] == ["", ""]   # noise at a low accuracy
