@@ -143,7 +143,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         shard=parse_shard(args.shard) if args.shard else None, meta=_meta(args),
         robustbench=args.robustbench, model_dir=args.model_dir, precision=args.precision,
         channels_last=args.channels_last, compile=args.compile,
-        cudnn_benchmark=args.cudnn_benchmark, compare_with=args.compare_with)
+        cudnn_benchmark=args.cudnn_benchmark, compare_with=args.compare_with,
+        sanity=args.sanity)
     result, paths = run_eval_job(job)
     steps = ", ".join(f"{a['attack']} {100 * a['robust'] / result.n_examples:.2f}%"
                       for a in result.per_attack)

@@ -115,6 +115,11 @@ def _eval(commands, func: Handler) -> None:
     ev.add_argument("--attacks", help="comma-separated, with --version custom")
     ev.add_argument("--quick", metavar="KIND",
                     help="non-standard check instead: pgd-K (CE), cw-K, or apgd (APGD-CE + APGD-T)")
+    ev.add_argument("--sanity", nargs="?", type=int, const=500, default=0, metavar="N",
+                    help="first run the sanity battery (eps sweep to an unbounded attack, FGSM "
+                         "vs PGD, more steps and restarts, noise vs PGD; after the attack the "
+                         "PGD-to-AutoAttack gap) on the first N points (default 500); its rows "
+                         "go into the detailed record")
     ev.add_argument("--batch-size", type=batch_size, default=500,
                     help="images per AutoAttack batch, or auto: half the largest power of two "
                          "whose forward and backward fit on the GPU (500 off the GPU)")

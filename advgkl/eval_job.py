@@ -30,6 +30,7 @@ from advgkl.eval_speed import probe_batch_size, speed_up
 from advgkl.folders import (FOLDER_DATASETS, check_preprocessing, default_points, folder_classes,
                             load_points)
 from advgkl.leaderboard import detailed_record, model_info, sha256_file, write_new
+from advgkl import sanity
 from advgkl.machine import describe_machine
 
 
@@ -61,6 +62,7 @@ class EvalJob:
     compile: bool = False
     cudnn_benchmark: bool = False
     compare_with: str | None = None     # a detailed record of the same points: list differing flags
+    sanity: int = 0                     # run the sanity battery on the first N points first
 
 
 @dataclass
@@ -154,6 +156,8 @@ def check_job(job: EvalJob) -> None:
         raise UserError("--precision bf16 is a screening mode of AutoAttack; not with --quick")
     if job.compare_with:
         read_record(Path(job.compare_with))  # a bad path fails now, not after the evaluation
+    if job.sanity and job.shard is not None:
+        raise UserError("--sanity checks a whole evaluation; run it without --shard")
     if job.quick is None:
         resolve_attacks(job.version, job.attacks)
     elif job.quick != "apgd":
@@ -340,12 +344,17 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     batch = job.batch_size or probe_batch_size(model, as_float(x[:1]), device, limit=len(y))
     speed.update(batch_size=batch, batch_size_probed=job.batch_size is None,
                  precision=job.precision)
+    checks = (sanity.before_attack(model, x[:job.sanity], y[:job.sanity], eps=job.eps,
+                                   norm=job.norm, batch_size=batch, device=device,
+                                   attack=job.quick or "AutoAttack") if job.sanity else None)
     result = _run(job, model, x, y, device, first, log and partial_log(log), state, batch)
     detailed = {"kind": kind, **detailed_record(
         result, dataset=dataset, arch=subject.arch, checkpoint=subject.checkpoint,
         checkpoint_sha256=subject.sha256, weights=subject.weights, config=subject.config),
         "selection": subject.selection, "training": subject.training, "speed": speed,
-        "machine": describe_machine(device),
+        "machine": describe_machine(device), "sanity": checks and sanity.after_attack(
+            checks, None if job.quick else result.robust_flags,
+            sum(a["seconds"] for a in result.per_attack)),
         "data": points or None,
         "flags_vs_reference": (compare_flags(result, job.compare_with) if job.compare_with
                                else None)}

@@ -14,6 +14,7 @@ from advgkl import __version__
 from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import EvalResult
 from advgkl.models import WRN_PATTERN
+from advgkl.sanity import autoattack_checks
 
 LEADERBOARD_N = {"imagenet": 5_000}   # RobustBench's points per board; 10,000 elsewhere
 
@@ -79,6 +80,10 @@ def detailed_record(result: EvalResult, *, dataset: str, arch: str, checkpoint: 
         "per_attack": [{**a, "robust_acc": a["robust"] / result.n_examples}
                        for a in result.per_attack],
         "per_class": result.per_class(), "worst_class": result.worst_class(),
+        "worst_case": "per point over all attacks: a point counts as robust only if every "
+                      "attack failed on it (result.robust_flags)",
+        "autoattack_checks": (None if result.version == "quick" else autoattack_checks(
+            result.check_flags, result.attacks, result.version)),
         "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256,
         "versions": {"advgkl": __version__, "torch": torch.__version__,
                      "pyautoattack": pyautoattack.__version__},

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,3 +30,16 @@ def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")
     imagenet_tree(root, n_val=8)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo (GKL on the digits, configs/demo/digits_gkl.yaml) trained once, shared by the
+    tests that need a robust model."""
+    from advgkl.config import load_config
+    from advgkl.train import train
+
+    run = tmp_path_factory.mktemp("demo") / "gkl"
+    train(load_config(Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"),
+          run, echo=False)
+    return run

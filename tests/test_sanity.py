@@ -1,0 +1,109 @@
+"""Whether an evaluation can be trusted: the sanity battery passes a healthy model, flags one
+whose gradients are masked, and AutoAttack's own checks appear one by one in the record."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from advgkl.checkpoint import load_checkpoint, model_from_checkpoint
+from advgkl.data import load_split
+from advgkl.evaluate import evaluate_autoattack
+from advgkl.leaderboard import detailed_record
+from advgkl.sanity import AA_CHECKS, after_attack, autoattack_checks, battery
+
+EPS = 32 / 255
+
+
+class _ZeroBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+class Masked(nn.Module):
+    """The model behind a layer whose backward returns zero: gradient attacks see nothing."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(_ZeroBackward.apply(x))
+
+
+class Randomized(nn.Module):
+    """The model on a noisy copy of its input: every forward differs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x + 0.05 * torch.randn_like(x))
+
+
+def _model(run):
+    model = model_from_checkpoint(load_checkpoint(run / "last.pt"))
+    return model.eval()
+
+
+def _points(n):
+    split = load_split("digits", train=False)
+    return split.images[:n], split.labels[:n]
+
+
+@pytest.mark.slow
+def test_a_healthy_digits_model_passes_every_check(demo_run, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "advgkl", "eval", str(demo_run / "last.pt"),
+                          "--sanity", "--n-examples", "100", "--eps", "32/255",
+                          "--batch-size", "100", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "sanity: 0 of 6 checks flagged" in out.stdout       # the terminal table
+    record = json.loads(next(tmp_path.rglob("*.detailed.json")).read_text())
+    rows = record["sanity"]["rows"]
+    assert [r["verdict"] for r in rows] == ["pass"] * 6, rows
+    assert rows[-1]["check"] == "PGD is close to AutoAttack"
+    checks = record["autoattack_checks"]
+    assert [c["check"] for c in checks] == [name for name, _, _ in AA_CHECKS]
+    assert all(c["ran"] and not c["fired"] for c in checks), checks
+    assert "every attack failed" in record["worst_case"]
+
+
+@pytest.mark.slow
+def test_masked_gradients_are_flagged_by_several_checks(demo_run):
+    model = Masked(_model(demo_run))
+    x, y = _points(60)
+    checks = battery(model, x, y, eps=EPS, norm="Linf", num_classes=10, batch_size=60,
+                     device=torch.device("cpu"))
+    result = evaluate_autoattack(model, x, y, eps=EPS, version="custom",
+                                 attacks=["apgd-ce", "square"], batch_size=60, progress=False)
+    rows = after_attack(checks, result.robust_flags, 1.0)["rows"]
+    flagged = {r["check"] for r in rows if r["verdict"] == "FLAG"}
+    assert len(flagged) >= 2, rows
+    assert {"an unbounded attack reaches chance", "PGD is close to AutoAttack"} <= flagged
+    zero = next(c for c in autoattack_checks(result.check_flags, result.attacks, "custom")
+                if c["check"] == "square_success")
+    assert zero["ran"] and zero["fired"]  # AutoAttack's own Square check agrees
+
+
+def test_a_randomized_model_s_autoattack_warning_is_in_its_record():
+    torch.manual_seed(0)
+    model = Randomized(nn.Sequential(nn.Flatten(), nn.Linear(768, 10))).eval()
+    x, y = _points(8)
+    result = evaluate_autoattack(model, x, y, eps=EPS, version="custom", attacks=["apgd-ce"],
+                                 batch_size=8, progress=False)
+    record = detailed_record(result, dataset="digits", arch="linear", checkpoint=None,
+                             checkpoint_sha256=None, weights="model", config=None)
+    rows = {c["check"]: c for c in record["autoattack_checks"]}
+    assert rows["randomness"]["ran"] and rows["randomness"]["fired"]
+    assert "randomized defense" in rows["randomness"]["messages"][0]
+    assert not rows["softmax_output"]["fired"] and not rows["square_success"]["ran"]
