@@ -347,9 +347,11 @@ def build_config(tree: dict | None = None, overrides: Iterable[str] = (),
     cfg, explicit, left_out = Config(), set(), []
     if saved and file_method == "mart" and not any(k.startswith("loss.mart.") for k, _ in items):
         cfg.loss.mart.form = "exact"    # what runs before the authors' form trained with
+    cli_kind = next((v for k, v in reversed(over) if k == "attack.kind"), "auto")
     for key, value in items:
         key = bind(key, file_method)
-        if method != file_method and method_bound(key, file_method, method):
+        if (method != file_method and method_bound(key, file_method, method)) or (
+                cli_kind in ("fgsm", "n_fgsm") and key in (f"attack.{k}" for k in PGD_ONLY)):
             left_out.append(key)
             continue
         try:
@@ -369,7 +371,10 @@ def build_config(tree: dict | None = None, overrides: Iterable[str] = (),
         explicit.add(key)
     if left_out and notes is not None:
         notes.append(f"loss.method={method} replaces {source}'s {file_method}: its "
-                     f"{', '.join(left_out)} stay with {file_method}; {method}'s own values apply")
+                     f"{', '.join(left_out)} stay with {file_method}; {method}'s own values apply"
+                     if method != file_method else
+                     f"attack.kind={cli_kind}: {source}'s {', '.join(left_out)} (its PGD "
+                     "budget) do not apply to a single step")
     for f in dataclasses.fields(cfg):
         _check_section(f.name, getattr(cfg, f.name))
     resolve_method(cfg, explicit, saved)

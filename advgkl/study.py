@@ -45,7 +45,7 @@ from advgkl.runlog import read_metrics
 
 _KEYS = {"name", "base", "overrides", "seeds", "rows", "eval", "checkpoint", "teacher"}
 _TEACHER_KEYS = {"name", "overrides", "seed"}
-_EVAL_KEYS = {"n_examples", "eps", "norm", "batch_size", "quick"}
+_EVAL_KEYS = {"n_examples", "eps", "norm", "batch_size", "quick", "sanity"}
 _CHECKPOINTS = ("best.pt", "last.pt", "avg.pt")
 _NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
@@ -102,7 +102,8 @@ class Study:
                 str(ev["n_examples"]), "--eps", str(ev["eps"]), "--norm", ev["norm"],
                 "--batch-size", str(ev["batch_size"]), "--out", str(self.dir / "results"),
                 "--model-name", run.name, "--state", str(self.run_dir(run) / "eval_state.json")]
-        return args + (["--quick", ev["quick"]] if ev.get("quick") else [])
+        return (args + (["--quick", ev["quick"]] if ev.get("quick") else [])
+                + (["--sanity", str(ev["sanity"])] if ev.get("sanity") else []))
 
 
 def _list(value: Any, what: str, kind: type) -> list:
@@ -125,6 +126,8 @@ def _eval_spec(tree: Any, where: str) -> dict[str, Any]:
     for key in ("n_examples", "batch_size"):
         if not isinstance(spec[key], int) or spec[key] < 1:
             raise UserError(f"{where}: eval.{key} must be a positive integer")
+    if not isinstance(spec.get("sanity", 0), int) or spec.get("sanity", 0) < 0:
+        raise UserError(f"{where}: eval.sanity must be a number of points (0: no battery)")
     return spec
 
 

@@ -14,10 +14,12 @@ from advgkl.runlog import read_metrics
 from advgkl.study import Run, Study, failures, run_state
 
 METRICS = ("clean", "robust", "worst_class_robust", "check_clean", "check_robust",
-           "train_minutes", "images_per_s")
+           "train_minutes", "images_per_s", "co_events", "sanity_flags")
 _TITLES = {"clean": "clean", "robust": "robust", "worst_class_robust": "worst-class robust",
            "check_clean": "val clean", "check_robust": "val PGD",
-           "train_minutes": "train min", "images_per_s": "img/s"}
+           "train_minutes": "train min", "images_per_s": "img/s", "co_events": "CO events",
+           "sanity_flags": "sanity flags"}
+_COUNTS = ("train_minutes", "images_per_s", "co_events", "sanity_flags")
 
 
 def _checked_row(rows: list[dict[str, str]], checkpoint: str) -> dict[str, str]:
@@ -44,10 +46,23 @@ def run_values(study: Study, run: Run) -> dict[str, Any]:
               "train_minutes": seconds / 60, "images_per_s": images / seconds,
               "per_class": {str(c["class"]): c["robust_acc"] for c in record["per_class"]},
               "curve": [float(r["robust_acc"]) if r.get("robust_acc") else None for r in rows],
-              "label": record["label"]}
+              "label": record["label"], "machine": record.get("machine") or "not recorded",
+              **_verdicts(record, rows)}
     for attack in record["per_attack"]:
         values[f"after_{attack['attack']}"] = attack["robust_acc"]
     return values
+
+
+def _verdicts(record: dict[str, Any], rows: list[dict[str, str]]) -> dict[str, Any]:
+    """The run's CO guard events (metrics.csv; none when it ran without the guard) and the
+    sanity checks its evaluation flagged (none asked: None)."""
+    events = [f"{r['epoch']} {r['co_event']}" for r in rows if r.get("co_event")]
+    guarded = any(r.get("co_pgd_acc") for r in rows)
+    sanity = record.get("sanity")
+    flagged = [r["check"] for r in sanity["rows"] if r["verdict"] == "FLAG"] if sanity else []
+    return {"co_events": len(events) if guarded else None, "co_detail": "; ".join(events),
+            "sanity_flags": sanity["flags"] if sanity else None,
+            "sanity_flagged": "; ".join(flagged)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -79,8 +94,8 @@ def summarize(study: Study) -> tuple[list[dict[str, Any]], dict[str, dict[str, A
 def _pct(entry: dict[str, Any], key: str) -> str:
     if f"{key}_mean" not in entry:
         return "-"
-    scale = 1 if key in ("train_minutes", "images_per_s") else 100
-    digits = 0 if key == "images_per_s" else (2 if scale == 1 else 1)
+    scale = 1 if key in _COUNTS else 100
+    digits = {"images_per_s": 0, "train_minutes": 2}.get(key, 1)
     return f"{scale * entry[f'{key}_mean']:.{digits}f} ± {scale * entry[f'{key}_std']:.{digits}f}"
 
 
@@ -92,7 +107,7 @@ def write_report(study: Study) -> Path:
     attacks = sorted({k[:-5] for e in summary for k in e if k.startswith("after_") and
                       k.endswith("_mean")}, key=lambda a: _ATTACK_ORDER.get(a, 99))
     columns = ["clean", "robust", *attacks, "worst_class_robust", "check_clean", "check_robust",
-               "train_minutes", "images_per_s"]
+               "train_minutes", "images_per_s", "co_events", "sanity_flags"]
     with open(study.dir / "summary.csv", "w", newline="") as f:
         fields = ["row", "runs_done", "runs_total", "status",
                   *(f"{c}_{s}" for c in columns for s in ("mean", "std"))]
@@ -100,7 +115,8 @@ def write_report(study: Study) -> Path:
         writer.writeheader()
         writer.writerows(summary)
     with open(study.dir / "runs.csv", "w", newline="") as f:
-        fields = ["run", "row", "seed", *columns, "worst_class"]
+        fields = ["run", "row", "seed", *columns, "worst_class", "co_detail", "sanity_flagged",
+                  "machine"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for run in study.runs:
@@ -120,11 +136,28 @@ def write_report(study: Study) -> Path:
                 else entry["status"])
         lines.append(f"| {entry['row']} | {runs} | "
                      + " | ".join(_pct(entry, c) for c in columns) + " |")
+    lines += _run_notes(study, done)
     lines += ["", "![robust vs clean](robust_vs_clean.png) ![per class](per_class.png) "
               "![curves](curves.png)", ""]
     (study.dir / "summary.md").write_text("\n".join(lines))
     _plots(study, summary, done)
     return study.dir / "summary.md"
+
+
+def _run_notes(study: Study, done: dict[str, dict[str, Any]]) -> list[str]:
+    """The machines behind the numbers, and each run's CO events and sanity flags."""
+    machines = sorted({v["machine"] for v in done.values()})
+    lines = ["", "Machine: " + ("; ".join(machines) or "no run finished") + ". A rerun on another "
+             "processor or thread count moves the last digits; the spread over seeds is the "
+             "result."]
+    notes = [f"- {run.name}: " + "; ".join(filter(None, (
+        done[run.name]["co_detail"] and f"CO guard at epoch {done[run.name]['co_detail']}",
+        done[run.name]["sanity_flagged"] and f"sanity FLAG: {done[run.name]['sanity_flagged']}")))
+        for run in study.runs if run.name in done
+        and (done[run.name]["co_detail"] or done[run.name]["sanity_flagged"])]
+    if notes:
+        lines += ["", "Per run (CO guard events; sanity checks flagged):", "", *notes]
+    return lines
 
 
 _ATTACK_ORDER = {f"after_{a}": i for i, a in enumerate(

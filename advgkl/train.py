@@ -77,8 +77,8 @@ def build_attack(cfg: Config, epoch: int) -> PGDAttack:
                     else METHODS["n_fgsm"].settings())
         return build_single_step(a.kind, settings, eps, **common)
     return PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=a.norm,
-                     random_start=a.random_start, final_loss_forward=method.final_loss_forward,
-                     **common)
+                     random_start=a.random_start,
+                     final_loss_forward=method.final_loss_forward and steps > 0, **common)
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:

@@ -14,7 +14,9 @@
 #   and steps 1-8 together should stay under the device's 10 minutes per command; the compile
 #   variant of bench_aa needs a run of its own); 9. bench_data.py: images/s per loader worker
 #   from an image folder and its shards at 224 px, and a 16-worker loader (the node's CPUs; can
-#   they feed the GPU?), needs timm, webdataset and wids among the wheels.
+#   they feed the GPU?), needs timm, webdataset and wids among the wheels; 10. bench_fast.py:
+#   each fast method's step time as a ratio to PGD-AT's (PreAct ResNet-18, batch 128, K=10; run
+#   before step 8, which goes last; not yet run on a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -54,6 +56,8 @@ step bench_step_compile 200 "${BENCH[@]}" --batch-size 256 --warmup 4 \
 step bench_distill 100 python3 scripts/bench_distill.py --device cuda --student resnet-18 \
     --teacher wrn-34-10 --batch-size 128 --steps 10 --repeats 5 --warmup 2 \
     --json "$OUT/bench_distill.json"
+step bench_fast 90 python3 scripts/bench_fast.py --device cuda --model preact-resnet-18 \
+    --batch-size 128 --steps 10 --repeats 5 --warmup 2 --json "$OUT/bench_fast.json"
 step bench_aa 220 python3 scripts/bench_aa.py --device cuda --model wrn-34-10 --n 64 \
     --batch-size 64 --variants plain,channels_last,bf16 --json "$OUT/bench_aa.json"
 step bench_data 120 python3 scripts/bench_data.py --images 512 --workers 16 \

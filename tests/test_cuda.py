@@ -222,3 +222,27 @@ def test_distillation_on_the_gpu_in_bf16_channels_last(tmp_path, method):
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["teacher"]["arch"] == "wrn-10-1" and all(
         t.device.type == "cpu" for t in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("variant", [["loss.method=fgsm_rs", "loss.start=zero"],
+                                     ["loss.method=fgsm_rs"], ["loss.method=n_fgsm"],
+                                     ["loss.method=grad_align"],
+                                     ["loss.method=gkl", "attack.kind=n_fgsm"]])
+def test_fast_methods_train_on_the_gpu(variant):
+    """The trainer's step of each fast method (double backprop included) on CUDA: a finite
+    loss; without random draws (FGSM from x) the CPU's first loss for the same weights."""
+    from advgkl.config import build_config
+    from advgkl.step import TrainStep
+    from advgkl.train import build_attack
+
+    cfg = build_config({}, [*variant, "awp.gamma=0", "train.ema_start_epoch=1000"])
+    x, y = batch()
+    losses = {}
+    for device in ("cpu", DEVICE):
+        step = TrainStep(cfg, small_net().cpu(), 10, torch.device(device), note=lambda _: None)
+        step.model.train()
+        losses[device] = step(x.to(device), y.to(device), attack=build_attack(cfg, 1), epoch=1,
+                              lr=0.1)["loss"]
+    assert math.isfinite(losses[DEVICE])
+    if "loss.start=zero" in variant:
+        assert losses[DEVICE] == pytest.approx(losses["cpu"], rel=1e-3)

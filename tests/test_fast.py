@@ -10,7 +10,6 @@ locuslab/robust_overfitting c47a25c train_cifar.py (normalisation outside their 
 inside ours: the same function of the [0, 1] image).
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,12 +19,15 @@ import torch.nn.functional as F
 import advgkl.train as train_mod
 import advgkl.train_data as train_data
 from advgkl.checkpoint import load_checkpoint
-from advgkl.config import build_config
+from advgkl.config import ConfigError, build_config
+from advgkl.config_methods import attack_description
 from advgkl.data import train_dataset
 from advgkl.distributed import DistInfo
 from advgkl.models import create_model
-from advgkl.single_step import build_single_step, gradient_alignment
 from advgkl.methods import METHODS
+from advgkl.schedules import cyclic_momentum, learning_rate
+from advgkl.single_step import SingleStepAttack, build_single_step, gradient_alignment
+from advgkl.train import build_attack
 from helpers import assert_states_close
 from test_paper_pipeline import N_IMAGES, saturated_images
 
@@ -223,3 +225,51 @@ def test_gradient_alignment_leaves_out_zero_gradients_and_backprops_twice(float6
     assert torch.allclose(reg, 1 - cos.mean(), atol=1e-14)
     (weight_grad,) = torch.autograd.grad(reg, [model[1].weight])
     assert weight_grad.abs().sum() > 0   # the regularizer reaches the weights (double backprop)
+
+
+def test_cyclic_lr_and_momentum_equal_torch_s_cyclic_lr_step_by_step():
+    epochs, n = 3, 7
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=0.2,
+                                                  step_size_up=epochs * n / 2,
+                                                  step_size_down=epochs * n / 2)
+    for epoch in range(1, epochs + 1):
+        for i in range(n):
+            group = opt.param_groups[0]
+            assert learning_rate("cyclic", epoch, epochs, i, n, lr=0.2, warmup=0,
+                                 milestones=[]) == group["lr"]
+            assert cyclic_momentum(epoch, epochs, i, n) == group["momentum"]
+            opt.step()
+            scheduler.step()
+
+
+def test_per_step_schedules_of_gradalign_and_rice():
+    lr = [learning_rate("superconverge", e, 30, i, 4, lr=0.3, warmup=0, milestones=[])
+          for e, i in ((1, 3), (12, 3), (30, 3))]
+    assert lr == pytest.approx([0.3 / 12, 0.3, 0.0])
+    rice = [learning_rate("piecewise_step", e, 200, i, 10, lr=0.1, warmup=0,
+                          milestones=[100, 150]) for e, i in ((100, 8), (100, 9), (151, 0))]
+    assert rice == [0.1, 0.01, 0.001]  # t = 99.9, 100.0, 150.1: their lr_max / 10, / 100
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.method=fgsm_rs", "attack.kind=pgd"], "trains with its own fgsm step"),
+    (["loss.method=trades", "attack.kind=fgsm"], "fgsm is the step of methods fgsm_rs"),
+    (["loss.method=n_fgsm", "attack.norm=L2", "attack.eps=0.5"], "a Linf step"),
+    (["loss.method=fgsm_rs", "attack.steps=3"], "attack.steps: 3 is not used"),
+    (["loss.method=fgsm_rs", "train.lr_schedule=cosine", "train.cycle_momentum=true"],
+     "only with train.lr_schedule cyclic"),
+])
+def test_fast_settings_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({"awp": {"gamma": 0}}, overrides)
+
+
+def test_gkl_with_n_fgsm_s_attack_keeps_gkl_s_loss_and_says_so():
+    cfg = build_config({"awp": {"gamma": 0}, "train": {"co_guard": False}},
+                       ["loss.method=gkl", "attack.kind=n_fgsm"])
+    attack = build_attack(cfg, 1)
+    assert isinstance(attack, SingleStepAttack) and cfg.train.co_guard == "off"  # YAML's off
+    assert (attack.kind, attack.objective, attack.noise, attack.step_size, attack.clip,
+            attack.bn_train) == ("n_fgsm", "kl", 2.0, EPS, 0.0, False)
+    assert "N-FGSM's single step on kl (our extension" in attack_description(cfg)

@@ -31,7 +31,8 @@ DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
 
 
 def test_paper_cosine_schedule():
-    lr = [learning_rate("cosine", e, 200, 0, 1, lr=0.2, warmup=0, milestones=[]) for e in (1, 100, 200)]
+    lr = [learning_rate("cosine", e, 200, 0, 1, lr=0.2, warmup=0, milestones=[])
+          for e in (1, 100, 200)]
     assert lr == [0.2 * 0.5 * (1 + math.cos(math.pi * e / 201)) for e in (1, 100, 200)]
     assert learning_rate("cosine", 2, 200, 1, 2, lr=0.2, warmup=5, milestones=[]) == 0.2 * 2 / 5
 
@@ -47,7 +48,8 @@ def test_piecewise_and_cosinew_schedules():
                            first=[0.02]) for e in (1, 2, 76, 91)]   # LBGAT's epoch-1 lr
     assert lbgat == pytest.approx([0.02, 0.1, 0.01, 0.001])
     assert learning_rate("cosinew", 1, 10, 1, 2, lr=0.2, warmup=1, milestones=[]) == 0.1
-    assert learning_rate("cosinew", 10, 10, 1, 1, lr=0.2, warmup=1, milestones=[]) == pytest.approx(0)
+    assert learning_rate("cosinew", 10, 10, 1, 1, lr=0.2, warmup=1,
+                         milestones=[]) == pytest.approx(0)
 
 
 def test_ema_follows_the_papers_semantics():
