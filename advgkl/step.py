@@ -1,9 +1,10 @@
 """One adversarial training (or distillation) step, as the trainer and the benchmarks run it.
 
 the teacher's clean logits (distillation; once per batch) -> attack (the method's objective, start
-and model mode; clean logits cached) -> clean and adversarial forward (train mode, in the method's
-order; one forward at attack.eps 0) -> objective dict -> backward -> optimizer step (inside an AWP
-perturbation when active) -> class-prior update (from the model's or the teacher's clean logits)
+and model mode, PGD or one step; clean logits cached) -> clean and adversarial forward (train
+mode, in the method's order; one forward at attack.eps 0; the fast methods none clean, Rice et
+al.'s PGD-AT its clean one after the step) -> GradAlign's input-gradient term -> objective dict
+-> backward -> optimizer step (inside an AWP perturbation when active) -> class-prior update (from the model's or the teacher's clean logits)
 -> weight-EMA update. On CUDA the forward passes can run in bf16 autocast, channels_last and
 compiled.
 """

@@ -8,7 +8,8 @@ forward passes can run in bf16 autocast, channels_last and compiled; evaluation 
 fp32.
 Per epoch: the class prior's new rows, the epoch average (the authors' final step), clean and
 PGD accuracy on the check points (a validation split of the training set by default) and
-`best.pt` by it, `avg.pt`, `epoch-NNN.pt` when asked, `last.pt` (atomic, written last), a
+`best.pt` by it, the catastrophic-overfitting guard (`advgkl.co_guard`: warn, stop with the last
+good weights, or roll back and redo the epoch at half the lr), `avg.pt`, `epoch-NNN.pt` when asked, `last.pt` (atomic, written last), a
 metrics row, the curves. `resume=True` continues bit-exactly from `last.pt`. A run that fails
 before its first checkpoint removes the folder it created.
 """
@@ -282,7 +283,8 @@ def _guard(cfg: Config, check: Split | None, log: RunLog) -> COGuard | None:
             f"{n} validation points after each epoch")
     return COGuard(mode, check.images[:n], check.labels[:n], eps=cfg.attack.eps,
                    steps=t.co_guard_steps, drop=t.co_guard_drop, fraction=t.co_guard_fraction,
-                   min_drop=t.co_guard_min_drop, rollbacks=t.co_guard_rollbacks, batch_size=cfg.eval.batch_size)
+                   min_drop=t.co_guard_min_drop, rollbacks=t.co_guard_rollbacks,
+                   batch_size=cfg.eval.batch_size)
 
 
 def _train_epoch(cfg: Config, parts: TrainStep, loader: Iterable, attack: PGDAttack, epoch: int,

@@ -17,7 +17,6 @@ each attack step (inherent to its attack), so its cost is reported, not bounded.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
@@ -25,10 +24,8 @@ import torch
 
 from advgkl.config import build_config
 from advgkl.models import create_model
-from advgkl.step import TrainStep
 from advgkl.teacher import FrozenTeacher
-from advgkl.train import build_attack
-from bench_step import time_steps
+from bench_step import time_steps, trainer_step
 
 VARIANTS = {"trades": ["loss.method=trades"],
             "ard": ["loss.method=ard"],
@@ -45,11 +42,7 @@ def build(variant: str, student: torch.nn.Module, teacher: FrozenTeacher,
     precision = [f"train.precision={args.precision}", f"train.attack_precision={args.precision}"]
     cfg = build_config({}, [*VARIANTS[variant], *teacher_args, *precision, "awp.gamma=0",
                             f"attack.steps={args.steps}", "train.ema_start_epoch=1000"])
-    step = TrainStep(cfg, copy.deepcopy(student), 10, device, note=lambda _: None,
-                     teacher=None if variant == "trades" else teacher)
-    step.model.train()
-    attack = build_attack(cfg, 1)
-    return lambda x, y: step(x, y, attack=attack, epoch=1, lr=0.1)["loss"]
+    return trainer_step(cfg, student, device, None if variant == "trades" else teacher)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ median / PGD-AT's median (1/ratio: how many fast steps one PGD-AT step buys).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
@@ -23,9 +22,7 @@ import torch
 from advgkl.config import build_config
 from advgkl.machine import describe_machine
 from advgkl.models import create_model
-from advgkl.step import TrainStep
-from advgkl.train import build_attack
-from bench_step import time_steps
+from bench_step import time_steps, trainer_step
 
 VARIANTS = {"pgd_at": ["loss.method=pgd_at"],
             "gkl": ["loss.method=gkl"],
@@ -41,10 +38,7 @@ def build(variant: str, model: torch.nn.Module, args: argparse.Namespace,
     steps = [f"attack.steps={args.steps}"] if variant in PGD else []
     cfg = build_config({}, [*VARIANTS[variant], *steps, "awp.gamma=0",
                             "train.ema_start_epoch=1000"])
-    step = TrainStep(cfg, copy.deepcopy(model), 10, device, note=lambda _: None)
-    step.model.train()
-    attack = build_attack(cfg, 1)
-    return lambda x, y: step(x, y, attack=attack, epoch=1, lr=0.1)["loss"]
+    return trainer_step(cfg, model, device)
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from advgkl.models import create_model
 from advgkl.priors import ClassPrior
 from advgkl.reference import pairwise_gkl_loss
 from advgkl.step import TrainStep
+from advgkl.train import build_attack
 
 CONFIG = Path(__file__).parent.parent / "configs" / "cifar10" / "gkl_wrn34_10.yaml"
 EPS, STEP_SIZE, LR = 8 / 255, 2 / 255, 0.1
@@ -127,6 +128,15 @@ def build(variant: str, init: nn.Module, args: argparse.Namespace, device: torch
     step.model.train()
     attack = PGDAttack(eps=EPS, step_size=STEP_SIZE, steps=args.steps, objective="kl")
     return lambda x, y: step(x, y, attack=attack, epoch=2, lr=LR)["loss"]
+
+
+def trainer_step(cfg, model: nn.Module, device: torch.device, teacher: nn.Module | None = None):
+    """The trainer's own step for `cfg` (epoch 1's attack, lr 0.1) on a copy of `model`, as a
+    callable step(x, y) -> loss."""
+    step = TrainStep(cfg, copy.deepcopy(model), 10, device, note=lambda _: None, teacher=teacher)
+    step.model.train()
+    attack = build_attack(cfg, 1)
+    return lambda x, y: step(x, y, attack=attack, epoch=1, lr=0.1)["loss"]
 
 
 def sync(device: torch.device) -> None:
