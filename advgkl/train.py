@@ -9,9 +9,10 @@ fp32.
 Per epoch: the class prior's new rows, the epoch average (the authors' final step), clean and
 PGD accuracy on the check points (a validation split of the training set by default) and
 `best.pt` by it, the catastrophic-overfitting guard (`advgkl.co_guard`: warn, stop with the last
-good weights, or roll back and redo the epoch at half the lr), `avg.pt`, `epoch-NNN.pt` when asked, `last.pt` (atomic, written last), a
-metrics row, the curves. `resume=True` continues bit-exactly from `last.pt`. A run that fails
-before its first checkpoint removes the folder it created.
+good weights, or roll back and redo the epoch at half the lr), `avg.pt`, `epoch-NNN.pt` when
+asked, `last.pt` (atomic, written last), a metrics row, the curves. `resume=True` continues
+bit-exactly from `last.pt`. A run that fails before its first checkpoint removes the folder it
+created.
 """
 
 from __future__ import annotations
