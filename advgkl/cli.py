@@ -110,8 +110,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir}: not a run folder (no config.yaml); nothing to resume")
-        cfg = load_config(run_dir / "config.yaml", saved=True)
-        train(cfg, run_dir, resume=True)
+        notes = []
+        cfg = load_config(run_dir / "config.yaml", saved=True, notes=notes)
+        train(cfg, run_dir, resume=True, notes=notes)
         return 0
     if not args.config:
         raise UserError("give a CONFIG file, or --resume RUN_DIR")

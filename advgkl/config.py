@@ -83,6 +83,8 @@ class AttackConfig:
     eps: float = opt(8 / 255, ge=0, eps=True, doc="0: no attack (the method on clean images only)")
     step_size: float = opt(2 / 255, gt=0, eps=True)
     steps: int = opt(10, ge=0)
+    restarts: int = opt(1, ge=1, doc="pgd_at: restarts, the per-point strongest kept (Rice et "
+                        "al.'s --restarts)")
     kind: str = opt("auto", choices=ATTACK_KINDS,
                     doc="auto: the method's own (pgd; fgsm_rs, n_fgsm, grad_align: their single "
                     "step). n_fgsm with another method: N-FGSM's published step on the method's "
@@ -347,6 +349,11 @@ def build_config(tree: dict | None = None, overrides: Iterable[str] = (),
     cfg, explicit, left_out = Config(), set(), []
     if saved and file_method == "mart" and not any(k.startswith("loss.mart.") for k, _ in items):
         cfg.loss.mart.form = "exact"    # what runs before the authors' form trained with
+    if saved and method == "pgd_at" and not any(k == "attack.kind" for k, _ in items) \
+            and notes is not None:
+        notes.append("this pgd_at run was saved before PGD-AT took Rice et al.'s step "
+                     "(2026-12-02); it continues with it: the attack in train mode, the clean "
+                     "forward after the step")
     cli_kind = next((v for k, v in reversed(over) if k == "attack.kind"), "auto")
     for key, value in items:
         key = bind(key, file_method)

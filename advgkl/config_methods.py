@@ -14,7 +14,7 @@ from advgkl.methods import DISTILLATION, METHOD_NAMES, METHODS
 # The attack's method-bound keys: a config file's values belong to the file's method.
 ATTACK_BOUND = ("kind", "objective", "random_start", "alpha", "beta", "gamma")
 GKL_ATTACK_WEIGHTS = ("alpha", "beta", "gamma")
-PGD_ONLY = ("step_size", "steps", "random_start")  # a single-step attack sets its own
+PGD_ONLY = ("step_size", "steps", "restarts", "random_start")  # a single step sets its own
 
 
 def bind(key: str, method: str) -> str:
@@ -111,6 +111,9 @@ def resolve_method(cfg: Any, explicit: set[str], saved: bool) -> None:
             raise ConfigError(f"distill.teacher: method {name} trains without a teacher; remove "
                               f"it, or choose one of {', '.join(DISTILLATION)}")
         cfg.distill = type(cfg.distill)()
+    if attack.restarts > 1 and not method.final_loss_forward:
+        raise ConfigError(f"attack.restarts: {attack.restarts} restarts need a per-point loss to "
+                          f"pick the strongest, which only pgd_at's attack has (not {name}'s)")
     if cfg.awp.gamma > 0 and not method.awp:
         raise ConfigError(f"awp.gamma: method {name} runs without AWP; set awp.gamma=0")
     if cfg.data.two_view and not method.two_view:

@@ -4,8 +4,8 @@ the teacher's clean logits (distillation; once per batch) -> attack (the method'
 and model mode, PGD or one step; clean logits cached) -> clean and adversarial forward (train
 mode, in the method's order; one forward at attack.eps 0; the fast methods none clean, Rice et
 al.'s PGD-AT its clean one after the step) -> GradAlign's input-gradient term -> objective dict
--> backward -> optimizer step (inside an AWP perturbation when active) -> class-prior update (from the model's or the teacher's clean logits)
--> weight-EMA update. On CUDA the forward passes can run in bf16 autocast, channels_last and
+-> backward -> optimizer step (inside an AWP perturbation when active) -> class-prior update
+(from the model's or the teacher's clean logits) -> weight-EMA update. On CUDA the forward passes can run in bf16 autocast, channels_last and
 compiled.
 """
 
@@ -23,9 +23,9 @@ from advgkl.awp import AWP
 from advgkl.config import Config
 from advgkl.data import random_crop_flip, to_unit_float
 from advgkl.ema import EpochAverage, WeightEMA
+from advgkl.losses import cross_entropy
 from advgkl.methods import METHODS
 from advgkl.objectives import Logits, build_objective, two_view_terms
-from advgkl.losses import cross_entropy
 from advgkl.priors import ClassPrior
 from advgkl.single_step import gradient_alignment
 

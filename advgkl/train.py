@@ -80,6 +80,7 @@ def build_attack(cfg: Config, epoch: int) -> PGDAttack:
         return build_single_step(a.kind, settings, eps, **common)
     return PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=a.norm,
                      random_start=a.random_start,
+                     restarts=a.restarts if steps > 0 else 1,
                      final_loss_forward=method.final_loss_forward and steps > 0, **common)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import advgkl.train as train_mod
 import advgkl.train_data as train_data
+from advgkl.attacks import PGDAttack
 from advgkl.checkpoint import load_checkpoint
 from advgkl.config import ConfigError, build_config
 from advgkl.config_methods import attack_description
@@ -273,3 +274,34 @@ def test_gkl_with_n_fgsm_s_attack_keeps_gkl_s_loss_and_says_so():
     assert (attack.kind, attack.objective, attack.noise, attack.step_size, attack.clip,
             attack.bn_train) == ("n_fgsm", "kl", 2.0, EPS, 0.0, False)
     assert "N-FGSM's single step on kl (our extension" in attack_description(cfg)
+
+
+def test_resuming_a_pgd_at_run_saved_before_rice_s_step_says_so():
+    notes = []
+    build_config({"loss": {"method": "pgd_at"}, "attack": {"steps": 10}}, saved=True,
+                 notes=notes)
+    assert any("before PGD-AT took Rice et al.'s step" in n for n in notes)
+    notes = []
+    build_config({"loss": {"method": "pgd_at"}, "attack": {"kind": "pgd"}}, saved=True,
+                 notes=notes)
+    assert notes == []
+
+
+def test_restarts_keep_each_point_s_strongest_perturbation(float64):
+    """Rice et al.'s restarts: per point, the restart whose final CE is largest (ties: later)."""
+    torch.manual_seed(0)
+    model = create_model("wrn-10-1", 10).eval()
+    x, y = saturated_images("cifar10", train=True).images[:16].double() / 255, torch.arange(16) % 10
+    one = PGDAttack(eps=EPS, step_size=2 / 255, steps=2, objective="ce", random_start="uniform",
+                    final_loss_forward=True)
+    torch.manual_seed(5)
+    runs = [one(model, x, y) for _ in range(3)]
+    with torch.no_grad():
+        losses = torch.stack([F.cross_entropy(model(r), y, reduction="none") for r in runs])
+    torch.manual_seed(5)
+    ours = PGDAttack(eps=EPS, step_size=2 / 255, steps=2, objective="ce", random_start="uniform",
+                     final_loss_forward=True, restarts=3)(model, x, y)
+    pick = 2 - losses.flip(0).argmax(0)  # the last restart among equal maxima
+    assert torch.equal(ours, torch.stack([runs[k][i] for i, k in enumerate(pick.tolist())]))
+    with pytest.raises(ConfigError, match="only pgd_at's attack has"):
+        build_config({}, ["loss.method=trades", "attack.restarts=2", "awp.gamma=0"])

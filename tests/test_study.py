@@ -20,8 +20,8 @@ DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
 TINY = {
     "name": "tiny", "base": str(DEMO), "seeds": [0, 1],
     "overrides": ["train.epochs=2", "attack.steps=1", "eval.pgd_steps=1", "eval.val_size=64",
-                  "model.arch=small-cnn"],
-    "eval": {"n_examples": 20, "eps": "32/255", "batch_size": 20},
+                  "model.arch=small-cnn", "train.co_guard=warn"],
+    "eval": {"n_examples": 20, "eps": "32/255", "batch_size": 20, "sanity": 20},
     "rows": [{"name": "plain", "overrides": ["loss.method=pgd_at", "attack.steps=0",
                                              "attack.random_start=none"]},
              {"name": "gkl", "overrides": []},
@@ -96,6 +96,12 @@ def test_study_runs_resumes_after_sigkill_skips_finished_runs_and_aggregates_exa
         assert float(summary[row]["after_apgd-t_mean"]) == statistics.fmean(after_t)
     for png in ("robust_vs_clean.png", "per_class.png", "curves.png"):
         assert (out / png).stat().st_size > 0
+    with open(out / "runs.csv", newline="") as f:     # per run: guard events, sanity flags
+        runs = {row["run"]: row for row in csv.DictReader(f)}
+    record = json.loads((out / "results" / "digits" / "Linf" / "gkl-s0.detailed.json").read_text())
+    assert int(runs["gkl-s0"]["sanity_flags"]) == record["sanity"]["flags"]
+    assert runs["gkl-s0"]["co_events"] != "" and runs["gkl-s0"]["machine"] == record["machine"]
+    assert f"Machine: {record['machine']}" in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow
