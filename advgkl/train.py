@@ -378,7 +378,7 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
     if action in ("stop", "rollback"):
         _log_epoch(log, metrics, step, note)
         log.log(guard.message(epoch))
-        for name in ("last.pt", "best.pt") if action == "stop" else ("last.pt",):
+        for name in ("last.pt", "best.pt", "avg.pt") if action == "stop" else ("last.pt",):
             if (run_dir / name).exists():
                 kept = load_checkpoint(run_dir / name, map_location="cpu")
                 save_checkpoint(run_dir / name, {**kept, "co_guard": guard.state_dict()})
