@@ -114,6 +114,9 @@ def resolve_method(cfg: Any, explicit: set[str], saved: bool) -> None:
     if attack.restarts > 1 and not method.final_loss_forward:
         raise ConfigError(f"attack.restarts: {attack.restarts} restarts need a per-point loss to "
                           f"pick the strongest, which only pgd_at's attack has (not {name}'s)")
+    if cfg.train.co_guard not in ("auto", "off") and cfg.eval.check != "val":
+        raise ConfigError(f"train.co_guard: {cfg.train.co_guard} checks a validation split; set "
+                          f"eval.check=val (it is {cfg.eval.check})")
     if cfg.awp.gamma > 0 and not method.awp:
         raise ConfigError(f"awp.gamma: method {name} runs without AWP; set awp.gamma=0")
     if cfg.data.two_view and not method.two_view:

@@ -107,8 +107,8 @@ def test_guard_modes_and_rules():
     assert guard_mode("auto", single_step=True, check="val") == ("stop", "")
     assert guard_mode("auto", single_step=False, check="val") == ("off", "")
     assert "needs a validation split" in guard_mode("auto", single_step=True, check="none")[1]
-    with pytest.raises(UserError, match="eval.check=val"):
-        guard_mode("stop", single_step=False, check="test")
+    with pytest.raises(UserError, match="train.co_guard: stop checks a validation split"):
+        load_config(DEMO, ["train.co_guard=stop", "eval.check=test"])
     guard = COGuard("warn", torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long),
                     eps=0.1, steps=2, drop=0.2, fraction=0.5, min_drop=0.1, rollbacks=1,
                     batch_size=1)
