@@ -86,7 +86,10 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if not args.aggregate:
         only = [find_run(study, args.run)] if args.run else None
         outcomes = run_study(study, jobs=args.jobs, only=only)
-        failed = [f"{name}: {why}" for name, why in outcomes.items() if why != "done"]
+        order = [r.name for r in study.runs]  # the study's order, not the finishing order
+        failed = [f"{name}: {why}" for name, why in sorted(
+            outcomes.items(), key=lambda item: order.index(item[0]) if item[0] in order else -1)
+            if why != "done"]
         if args.run:  # a scheduler's task: its own run only; --aggregate collects at the end
             if failed:
                 raise UserError(failed[0])

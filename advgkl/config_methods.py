@@ -57,8 +57,10 @@ def _drop_unused(obj: Any, names: Iterable[str], prefix: str, why: str, explicit
         setattr(obj, name, _default(obj, name))
 
 
-def _resolve_kind(attack: Any, method: Any, explicit: set[str], saved: bool) -> None:
-    """`auto` is the method's own attack; a single step sets its own size and start."""
+def _resolve_kind(attack: Any, method: Any, settings: Any, explicit: set[str],
+                  saved: bool) -> None:
+    """`auto` is the method's own attack; a single step sets its own size and start (written
+    into attack.random_start: uniform for N-FGSM and FGSM-RS, none for FGSM from x)."""
     if attack.kind == "auto":
         attack.kind = method.attack_kind
     if method.attack_kind != "pgd" and attack.kind != method.attack_kind:
@@ -75,14 +77,16 @@ def _resolve_kind(attack: Any, method: Any, explicit: set[str], saved: bool) -> 
     _drop_unused(attack, PGD_ONLY, "attack", f"the single-step attack {attack.kind} sets its own "
                  f"step and start (loss.{method.name if method.attack_kind != 'pgd' else 'n_fgsm'}"
                  " values)", explicit, saved)
-    attack.random_start = "none"
+    own = settings if method.attack_kind != "pgd" else None
+    attack.random_start = ("uniform" if attack.kind == "n_fgsm" or getattr(own, "start", "zero")
+                           == "uniform" else "none")
 
 
 def resolve_method(cfg: Any, explicit: set[str], saved: bool) -> None:
     """The method's own attack for `auto`, its teacher rules; unused values reset."""
     loss, attack, method = cfg.loss, cfg.attack, METHODS[cfg.loss.method]
     name = loss.method
-    _resolve_kind(attack, method, explicit, saved)
+    _resolve_kind(attack, method, loss.settings, explicit, saved)
     if attack.objective == "auto":
         attack.objective = method.attack_objective(cfg.data.dataset)
     if attack.random_start == "auto":

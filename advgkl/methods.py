@@ -237,8 +237,7 @@ class Method:
 _AT = {"awp": True, "two_view": True}
 _KD = {"teacher": True, "awp": False, "two_view": False}
 # The fast methods as their authors run them: the model in train mode throughout, no clean forward.
-_FAST = {"attack_train_mode": True, "clean_forward": "none", "start": "none", "awp": False,
-         "two_view": False}
+_FAST = {"attack_train_mode": True, "clean_forward": "none", "awp": False, "two_view": False}
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("pgd_at", "PGD-AT (Madry et al. 2018; Rice et al.'s code)", PgdAtSettings, "ce",
            start="uniform", attack_train_mode=True, clean_forward="after",
@@ -256,12 +255,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rslad", "RSLAD (Zi et al. 2021)", RsladSettings, "teacher_kl", **_KD),
     Method("adaad", "AdaAD (Huang et al. 2023)", AdaadSettings, "adaad", clean_first=True, **_KD),
     Method("gkl_kd", "GKL-KD (Cui et al., TPAMI 2026)", GklKdSettings, "teacher_kl", **_KD),
-    Method("fgsm_rs", "FGSM-RS (Wong et al. 2020)", FgsmSettings, "ce", attack_kind="fgsm",
-           **_FAST),
-    Method("n_fgsm", "N-FGSM (de Jorge et al. 2022)", NFgsmSettings, "ce", attack_kind="n_fgsm",
-           **_FAST),
+    Method("fgsm_rs", "FGSM-RS (Wong et al. 2020)", FgsmSettings, "ce", start="uniform",
+           attack_kind="fgsm", **_FAST),
+    Method("n_fgsm", "N-FGSM (de Jorge et al. 2022)", NFgsmSettings, "ce", start="uniform",
+           attack_kind="n_fgsm", **_FAST),
     Method("grad_align", "GradAlign (Andriushchenko & Flammarion 2020)", GradAlignSettings, "ce",
-           attack_kind="fgsm", input_gradient_reg=True, **_FAST),
+           start="none", attack_kind="fgsm", input_gradient_reg=True, **_FAST),
 )}
 METHOD_NAMES = tuple(METHODS)
 DISTILLATION = tuple(name for name, m in METHODS.items() if m.teacher)

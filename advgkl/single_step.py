@@ -94,13 +94,10 @@ def gradient_alignment(model: nn.Module, x: Tensor, y: Tensor, grad: Tensor, eps
 def build_single_step(kind: str, settings: object, eps: float, **attack: object
                       ) -> SingleStepAttack:
     """The `kind` step with a method's settings (FgsmSettings, GradAlignSettings or
-    NFgsmSettings: their `step`, `start`, `noise`, `clip` in units of eps); `attack` holds the
-    objective, its gkl weights and bn_train."""
+    NFgsmSettings: their `step`, `noise`, `clip` in units of eps); `attack` holds the start
+    (random_start: uniform or none), the objective, its gkl weights and bn_train."""
     if kind == "n_fgsm":
         return SingleStepAttack(eps=eps, step_size=settings.step * eps, kind=kind,
-                                random_start="uniform", noise=settings.noise,
-                                clip=settings.clip * eps, **attack)
-    start = "uniform" if getattr(settings, "start", "zero") == "uniform" else "none"
+                                noise=settings.noise, clip=settings.clip * eps, **attack)
     return SingleStepAttack(eps=eps, step_size=settings.step * eps, kind=kind,
-                            random_start=start, through_clamp=settings.gradient_through_clamp(),
-                            **attack)
+                            through_clamp=settings.gradient_through_clamp(), **attack)

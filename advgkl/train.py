@@ -77,7 +77,7 @@ def build_attack(cfg: Config, epoch: int) -> PGDAttack:
     if a.kind != "pgd":
         settings = (cfg.loss.settings if method.attack_kind != "pgd"
                     else METHODS["n_fgsm"].settings())
-        return build_single_step(a.kind, settings, eps, **common)
+        return build_single_step(a.kind, settings, eps, random_start=a.random_start, **common)
     return PGDAttack(eps=eps, step_size=step_size, steps=steps, norm=a.norm,
                      random_start=a.random_start,
                      restarts=a.restarts if steps > 0 else 1,
@@ -375,13 +375,13 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
         epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(), config=config,
         metrics=metrics, check=selection,
         co_guard=guard.state_dict() if guard is not None else None)
-    if action in ("stop", "rollback"):
-        _log_epoch(log, metrics, step, note)
-        log.log(guard.message(epoch))
+    if action in ("stop", "rollback"):  # the guard's state first: a kill after it resumes it
         for name in ("last.pt", "best.pt", "avg.pt") if action == "stop" else ("last.pt",):
             if (run_dir / name).exists():
                 kept = load_checkpoint(run_dir / name, map_location="cpu")
                 save_checkpoint(run_dir / name, {**kept, "co_guard": guard.state_dict()})
+        _log_epoch(log, metrics, step, note)
+        log.log(guard.message(epoch))
         return best, action
     if cfg.train.save_every and epoch % cfg.train.save_every == 0:
         save_checkpoint(run_dir / f"epoch-{epoch:03d}.pt", model_checkpoint(

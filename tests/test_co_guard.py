@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import advgkl.train as train_mod
+from advgkl.cli import main
 from advgkl.checkpoint import load_checkpoint
 from advgkl.co_guard import COGuard, guard_mode
 from advgkl.config import load_config
@@ -24,11 +25,6 @@ ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
 FGSM = ["loss.method=fgsm_rs", "loss.start=zero", "train.co_guard=rollback",
         "train.co_guard_rollbacks=1", "train.save_every=1"]
-
-
-def advgkl(*args):
-    return subprocess.run([sys.executable, "-m", "advgkl", *args], capture_output=True,
-                          text=True, timeout=600)
 
 
 def rows(run):
@@ -46,13 +42,12 @@ def overfit(tmp_path_factory):
     log = out / "fgsm" / "train.log"
     kill_when(proc, lambda: log.exists() and "state restored" in log.read_text())
     proc.wait()
-    resumed = advgkl("train", "--resume", str(out / "fgsm"))
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["train", "--resume", str(out / "fgsm")]) == 0
     return out / "fgsm"
 
 
 @pytest.mark.slow
-def test_guard_rolls_back_then_stops_and_keeps_the_last_good_weights(overfit):
+def test_guard_rolls_back_then_stops_and_keeps_the_last_good_weights(overfit, capsys):
     log = (overfit / "train.log").read_text()
     assert "CO guard: catastrophic overfitting at epoch" in log
     table = rows(overfit)
@@ -73,15 +68,14 @@ def test_guard_rolls_back_then_stops_and_keeps_the_last_good_weights(overfit):
     assert all(torch.equal(last["model"][k], v) for k, v in kept.items())
     assert not (overfit / f"epoch-{stop:03d}.pt").exists()
     assert f"training stops; the final model is epoch {stop - 1}'s" in log
-    again = advgkl("train", "--resume", str(overfit))
-    assert again.returncode == 0 and "nothing to resume" in again.stdout
+    assert main(["train", "--resume", str(overfit)]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_every_evaluation_record_of_a_stopped_run_says_so(overfit, tmp_path):
-    done = advgkl("eval", str(overfit / "last.pt"), "--quick", "pgd-5", "--n-examples", "40",
-                  "--out", str(tmp_path), "--eps", "32/255")
-    assert done.returncode == 0, done.stderr
+    assert main(["eval", str(overfit / "last.pt"), "--quick", "pgd-5", "--n-examples", "40",
+                 "--out", str(tmp_path), "--eps", "32/255"]) == 0
     record = json.loads(next(tmp_path.rglob("*.json")).read_text())
     assert "training STOPPED" in record["training"]["co_guard"]
     assert "its own single step (fgsm)" in record["training"]["method"]
@@ -94,7 +88,7 @@ def test_a_healthy_run_is_left_alone(tmp_path):
     weights = {}
     for mode in ("off", "warn"):
         cfg = load_config(DEMO, ["loss.method=n_fgsm", f"train.co_guard={mode}",
-                                 "train.epochs=4"])
+                                 "train.epochs=3"])
         train_mod.train(cfg, tmp_path / mode, echo=False)
         weights[mode] = load_checkpoint(tmp_path / mode / "last.pt")["model"]
     assert all(torch.equal(weights["off"][k], v) for k, v in weights["warn"].items())

@@ -262,6 +262,6 @@ def test_settings_defaults_are_the_published_values():
                        "ikl": ("kl", "normal"), "gkl": ("kl", "normal"),
                        "ard": ("ce", "uniform_unclamped"), "rslad": ("teacher_kl", "normal"),
                        "adaad": ("adaad", "normal"), "gkl_kd": ("teacher_kl", "normal"),
-                       "fgsm_rs": ("ce", "none"), "n_fgsm": ("ce", "none"),
+                       "fgsm_rs": ("ce", "uniform"), "n_fgsm": ("ce", "uniform"),
                        "grad_align": ("ce", "none")}
     assert METHODS["gkl"].attack_objective("cifar100") == "gkl"

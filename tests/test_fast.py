@@ -203,7 +203,7 @@ def test_n_fgsm_delta_is_not_projected_and_fgsm_rs_delta_is(float64):
     x, y = saturated_images("cifar10", train=True).images[:32].double() / 255, torch.arange(32) % 10
     for method, bound in (("n_fgsm", 3 * EPS), ("fgsm_rs", EPS)):
         attack = build_single_step(METHODS[method].attack_kind, METHODS[method].settings(), EPS,
-                                   objective="ce", bn_train=True)
+                                   random_start="uniform", objective="ce", bn_train=True)
         delta = (attack(model, x, y) - x).abs().amax()
         assert delta <= bound + 1e-12
         assert (delta > 1.5 * EPS) == (method == "n_fgsm")

@@ -62,7 +62,7 @@ def test_study_runs_resumes_after_sigkill_skips_finished_runs_and_aggregates_exa
     assert not alive("run.name=plain-s1"), "the killed study left its training running"
     before = {p: p.stat().st_mtime_ns for p in (out / "runs" / "plain-s0").iterdir()}
 
-    done = study_cli(path)
+    done = study_cli(path, "-j", "2")
     assert done.returncode == 2                                     # the broken row failed
     assert done.stderr.splitlines()[-1].startswith(
         "advgkl: error: 2 run(s) failed: broken-s0: training failed")
@@ -71,7 +71,7 @@ def test_study_runs_resumes_after_sigkill_skips_finished_runs_and_aggregates_exa
     assert logs["plain-s0.log"].count("$ advgkl") == 2            # trained and evaluated once
     assert "train --resume" in logs["plain-s1.log"]                # the killed run continued
 
-    again = study_cli(path)                            # nothing left but the broken row
+    again = study_cli(path, "-j", "2")                 # nothing left but the broken row
     assert {p.name: p.read_text() for p in (out / "logs").iterdir() if "broken" not in p.name} \
         == {k: v for k, v in logs.items() if "broken" not in k}
     assert again.returncode == 2
@@ -159,7 +159,8 @@ def test_print_gives_one_command_per_run_and_a_slurm_array(tmp_path):
     ({"base": "missing.yaml"}, "base config missing.yaml not found"),
     ({"seeds": []}, "seeds a non-empty list"),
     ({"eval": {"eps": 8}}, "did you mean 8/255?"),
-    ({"rows": [{"name": "a", "overrides": ["eval.check=none"]}]}, "writes no best.pt"),
+    ({"rows": [{"name": "a", "overrides": ["eval.check=none", "train.co_guard=off"]}]},
+     "writes no best.pt"),
     ({"rows": [{"name": "a", "overrides": ["distill.teacher={teacher}"]}]},
      "row a names {teacher}, but the study has no teacher"),
     ({"teacher": {"overrides": []}}, "teacher must be a mapping with a name"),
