@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from advgkl.attacks import PGDAttack
 
-MODES = ("auto", "off", "warn", "stop", "rollback")
 SEED = 0  # the guard's own random stream: training draws the same numbers with it on or off
 
 

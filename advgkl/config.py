@@ -17,7 +17,6 @@ from typing import Any, Iterable
 
 import yaml
 
-from advgkl.co_guard import MODES as CO_GUARD_MODES
 from advgkl.config_methods import (GKL_ATTACK_WEIGHTS, PGD_ONLY, bind, last_method,
                                    method_bound,
                                    resolve_method)
@@ -32,6 +31,7 @@ __all__ = ["Config", "ConfigError", "build_config", "config_to_dict", "dump_conf
 ATTACK_OBJECTIVES = ("auto", "kl", "teacher_kl", "adaad", "gkl", "ce")
 RANDOM_STARTS = ("auto", "normal", "uniform", "uniform_unclamped", "none")
 ATTACK_KINDS = ("auto", "pgd", "fgsm", "n_fgsm")
+CO_GUARD_MODES = ("auto", "off", "warn", "stop", "rollback")
 
 
 @dataclass

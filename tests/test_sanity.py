@@ -2,14 +2,13 @@
 whose gradients are masked, and AutoAttack's own checks appear one by one in the record."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 from advgkl.checkpoint import load_checkpoint, model_from_checkpoint
+from advgkl.cli import main
 from advgkl.data import load_split
 from advgkl.evaluate import evaluate_autoattack
 from advgkl.leaderboard import detailed_record
@@ -61,13 +60,10 @@ def _points(n):
 
 
 @pytest.mark.slow
-def test_a_healthy_digits_model_passes_every_check(demo_run, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "advgkl", "eval", str(demo_run / "last.pt"),
-                          "--sanity", "--n-examples", "100", "--eps", "32/255",
-                          "--batch-size", "100", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert "sanity: 0 of 6 checks flagged" in out.stdout       # the terminal table
+def test_a_healthy_digits_model_passes_every_check(demo_run, tmp_path, capsys):
+    assert main(["eval", str(demo_run / "last.pt"), "--sanity", "--n-examples", "100", "--eps",
+                 "32/255", "--batch-size", "100", "--out", str(tmp_path)]) == 0
+    assert "sanity: 0 of 6 checks flagged" in capsys.readouterr().out   # the terminal table
     record = json.loads(next(tmp_path.rglob("*.detailed.json")).read_text())
     rows = record["sanity"]["rows"]
     assert [r["verdict"] for r in rows] == ["pass"] * 6, rows
