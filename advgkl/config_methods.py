@@ -118,6 +118,9 @@ def resolve_method(cfg: Any, explicit: set[str], saved: bool) -> None:
     if attack.restarts > 1 and not method.final_loss_forward:
         raise ConfigError(f"attack.restarts: {attack.restarts} restarts need a per-point loss to "
                           f"pick the strongest, which only pgd_at's attack has (not {name}'s)")
+    if method.input_gradient_reg and cfg.train.compile:
+        raise ConfigError(f"train.compile: torch.compile's autograd has no double backward, which "
+                          f"{name}'s regularizer needs; set train.compile=false")
     if cfg.train.co_guard not in ("auto", "off") and cfg.eval.check != "val":
         raise ConfigError(f"train.co_guard: {cfg.train.co_guard} checks a validation split; set "
                           f"eval.check=val (it is {cfg.eval.check})")

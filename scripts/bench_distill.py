@@ -25,7 +25,7 @@ import torch
 from advgkl.config import build_config
 from advgkl.models import create_model
 from advgkl.teacher import FrozenTeacher
-from bench_step import time_steps, trainer_step
+from bench_step import cifar_batch, time_steps, trainer_step
 
 VARIANTS = {"trades": ["loss.method=trades"],
             "ard": ["loss.method=ard"],
@@ -62,9 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     student = create_model(args.student, 10)
     teacher = FrozenTeacher(create_model(args.teacher, 10)).to(device)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch_size, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+    x, y = cifar_batch(args.batch_size, device)
     amp = torch.autocast(device.type, torch.bfloat16,
                          enabled=args.precision == "bf16" and device.type == "cuda")
 

@@ -22,7 +22,7 @@ import torch
 from advgkl.config import build_config
 from advgkl.machine import describe_machine
 from advgkl.models import create_model
-from bench_step import time_steps, trainer_step
+from bench_step import cifar_batch, time_steps, trainer_step
 
 VARIANTS = {"pgd_at": ["loss.method=pgd_at"],
             "gkl": ["loss.method=gkl"],
@@ -55,9 +55,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = create_model(args.model, 10)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch_size, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+    x, y = cifar_batch(args.batch_size, device)
     machine = describe_machine(device)
     print(f"{args.model}, batch {args.batch_size}, PGD K={args.steps}, {machine}")
     steps = {}

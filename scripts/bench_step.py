@@ -130,6 +130,13 @@ def build(variant: str, init: nn.Module, args: argparse.Namespace, device: torch
     return lambda x, y: step(x, y, attack=attack, epoch=2, lr=LR)["loss"]
 
 
+def cifar_batch(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A fixed CIFAR-sized batch of random images and labels (seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, 32, 32, generator=g).to(device)
+    return x, torch.randint(0, 10, (n,), generator=g).to(device)
+
+
 def trainer_step(cfg, model: nn.Module, device: torch.device, teacher: nn.Module | None = None):
     """The trainer's own step for `cfg` (epoch 1's attack, lr 0.1) on a copy of `model`, as a
     callable step(x, y) -> loss."""
@@ -235,9 +242,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     init = create_model(args.model, 10)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch_size, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+    x, y = cifar_batch(args.batch_size, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model}, batch {args.batch_size}, K={args.steps}, AWP "
           f"{'off' if args.no_awp else 'on'}, {name}, torch {torch.__version__}, "

@@ -260,6 +260,7 @@ def test_per_step_schedules_of_gradalign_and_rice():
     (["loss.method=fgsm_rs", "attack.steps=3"], "attack.steps: 3 is not used"),
     (["loss.method=fgsm_rs", "train.lr_schedule=cosine", "train.cycle_momentum=true"],
      "only with train.lr_schedule cyclic"),
+    (["loss.method=grad_align", "train.compile=true"], "no double backward"),
 ])
 def test_fast_settings_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):
