@@ -77,11 +77,11 @@ def test_a_healthy_digits_model_passes_every_check(demo_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_masked_gradients_are_flagged_by_several_checks(demo_run):
     model = Masked(_model(demo_run))
-    x, y = _points(60)
-    checks = battery(model, x, y, eps=EPS, norm="Linf", num_classes=10, batch_size=60,
+    x, y = _points(40)
+    checks = battery(model, x, y, eps=EPS, norm="Linf", num_classes=10, batch_size=40,
                      device=torch.device("cpu"))
     result = evaluate_autoattack(model, x, y, eps=EPS, version="custom",
-                                 attacks=["apgd-ce", "square"], batch_size=60, progress=False)
+                                 attacks=["apgd-ce", "square"], batch_size=40, progress=False)
     rows = after_attack(checks, result.robust_flags, 1.0)["rows"]
     flagged = {r["check"] for r in rows if r["verdict"] == "FLAG"}
     assert len(flagged) >= 2, rows
