@@ -86,7 +86,7 @@ def battery(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, nu
     stream. Returns {"points", "seconds", "rows", "pgd_flags"} (per point, robust to both PGD-20
     with CE and with the CW margin: what the gap to AutoAttack compares)."""
     model.eval()
-    start = time.perf_counter()
+    began = time.perf_counter()
     unbounded = 1.0 if norm == "Linf" else math.sqrt(x[0].numel())
 
     def pgd(size: float, steps: int = STEPS, start: str = "uniform", loss: str = "ce"
@@ -133,7 +133,7 @@ def battery(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, nu
              TOLERANCE["noise"], f"PGD-{STEPS} {100 * p:.1f}% minus the worst of {NOISE_DRAWS} "
              f"uniform noise draws {100 * noise.float().mean().item():.1f}%"),
     ]
-    return {"points": len(y), "seconds": time.perf_counter() - start, "rows": rows,
+    return {"points": len(y), "seconds": time.perf_counter() - began, "rows": rows,
             "pgd_flags": with_cw.tolist()}
 
 
