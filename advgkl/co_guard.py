@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from advgkl.attacks import PGDAttack
+from advgkl.evaluate import correct_under
+from advgkl.rng import own_stream
 
 SEED = 0  # the guard's own random stream: training draws the same numbers with it on or off
 
@@ -67,19 +68,13 @@ class COGuard:
         self.state = GuardState()
 
     def _accuracy(self, model: nn.Module, attack: PGDAttack) -> float:
-        correct = 0
-        for i in range(0, len(self.labels), self.batch_size):
-            x, y = self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
-            with torch.no_grad():
-                correct += int((model(attack(model, x, y)).argmax(1) == y).sum())
-        return correct / len(self.labels)
+        return correct_under(model, self.images, self.labels, attack, batch_size=self.batch_size,
+                             device=self.images.device).float().mean().item()
 
     def _measure(self, model: nn.Module) -> tuple[float, float]:
-        devices = [self.images.device] if self.images.device.type == "cuda" else []
         was_training = model.training
         model.eval()
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(SEED)
+        with own_stream(SEED, self.images.device):
             pgd, fgsm = self._accuracy(model, self.pgd), self._accuracy(model, self.fgsm)
         model.train(was_training)
         return pgd, fgsm

@@ -343,6 +343,18 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
         labels=y.tolist(), precision=precision)
 
 
+def correct_under(model: nn.Module, x: Tensor, y: Tensor, attack, *, batch_size: int,
+                  device: torch.device | str, desc: str | None = None) -> Tensor:
+    """Per point (bool, CPU): still classified correctly after `attack(model, x, y)`, batch by
+    batch (a progress bar named `desc`, if given)."""
+    flags = []
+    for i in tqdm(range(0, len(y), batch_size), desc=desc, disable=desc is None):
+        xb, yb = as_float(x[i:i + batch_size]).to(device), y[i:i + batch_size].to(device)
+        with torch.no_grad():
+            flags.append((model(attack(model, xb, yb)).argmax(1) == yb).cpu())
+    return torch.cat(flags)
+
+
 def evaluate_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "Linf",
                  steps: int = 20, loss: str = "ce", batch_size: int = 500,
                  device: torch.device | str | None = None, progress: bool = True,
@@ -357,12 +369,8 @@ def evaluate_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
     name = f"{'pgd' if loss == 'ce' else 'cw'}-{steps}"
     start = time.perf_counter()
     clean = _clean_flags(model, x, y, batch_size, device)
-    robust = clean.clone()
-    for i in tqdm(range(0, len(y), batch_size), desc=name, disable=not progress):
-        xb, yb = as_float(x[i:i + batch_size]).to(device), y[i:i + batch_size].to(device)
-        with torch.no_grad():
-            pred = model(attack(model, xb, yb)).argmax(1)
-        robust[i:i + batch_size] &= (pred == yb).cpu()
+    robust = clean & correct_under(model, x, y, attack, batch_size=batch_size, device=device,
+                                   desc=name if progress else None)
     label = f"{name.upper()} ({'CE' if loss == 'ce' else 'CW margin'}), NON-STANDARD quick check"
     return EvalResult(
         n_examples=len(y), clean_flags=clean.tolist(), robust_flags=robust.tolist(),

@@ -264,7 +264,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 METHOD_NAMES = tuple(METHODS)
 DISTILLATION = tuple(name for name, m in METHODS.items() if m.teacher)
-SINGLE_STEP = tuple(name for name, m in METHODS.items() if m.attack_kind != "pgd")
 
 
 def settings_fields(method: str) -> dict[str, dataclasses.Field]:

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from advgkl.attacks import PGDAttack
 from advgkl.data import as_float
+from advgkl.evaluate import correct_under
+from advgkl.rng import own_stream
 
 STEPS = 20                       # the reference PGD: 20 steps of 2.5 eps / 20, uniform start
 SWEEP = (0.5, 1.0, 2.0, 4.0)     # eps multiples before the unbounded attack
@@ -56,17 +58,6 @@ def autoattack_checks(messages: list[str], attacks: list[str], version: str) -> 
     return rows
 
 
-def _robust(model: nn.Module, x: Tensor, y: Tensor, attack, batch_size: int,
-            device: torch.device) -> Tensor:
-    """Per-point flags: still correct under `attack` (a callable (model, x, y) -> x')."""
-    flags = []
-    for i in range(0, len(y), batch_size):
-        xb, yb = as_float(x[i:i + batch_size]).to(device), y[i:i + batch_size].to(device)
-        with torch.no_grad():
-            flags.append((model(attack(model, xb, yb)).argmax(1) == yb).cpu())
-    return torch.cat(flags)
-
-
 def _noise(eps: float, norm: str):
     def attack(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return PGDAttack(eps=eps, step_size=0.0, steps=0, norm=norm, objective="ce",
@@ -95,11 +86,9 @@ def battery(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, nu
                          objective=loss, random_start=start)
 
     def acc(attack) -> Tensor:
-        return _robust(model, x, y, attack, batch_size, device)
+        return correct_under(model, x, y, attack, batch_size=batch_size, device=device)
 
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(SEED)
+    with own_stream(SEED, device):
         reference = acc(pgd(eps))
         sweep = {m: (reference if m == 1.0 else acc(pgd(m * eps))).float().mean().item()
                  for m in SWEEP}
