@@ -50,6 +50,11 @@ def _promoted(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def targets_for(y: Tensor, logits: Tensor) -> Tensor:
+    """Labels as they are; soft targets (B, C) in the logits' dtype, for F.cross_entropy."""
+    return y if y.dim() == 1 else y.to(logits.dtype)
+
+
 def _summed_kl(logits: Tensor, target_logits: Tensor) -> Tensor:
     """sum KL(softmax(target) || softmax(logits)) as KLDivLoss computes it (RSLAD's and AdaAD's
     attacks); gradients reach the target too when it has them (AdaAD: through the teacher)."""
@@ -118,7 +123,8 @@ class PGDAttack:
             true = z.gather(1, y[:, None]).squeeze(1)
             other = z.scatter(1, y[:, None], float("-inf")).amax(1)
             return (other - true).sum()
-        return F.cross_entropy(_promoted(logits_adv), y, reduction="sum")
+        z = _promoted(logits_adv)
+        return F.cross_entropy(z, targets_for(y, z), reduction="sum")
 
     def _step(self, x_adv: Tensor, grad: Tensor) -> Tensor:
         if self.norm == "Linf":
@@ -167,7 +173,8 @@ class PGDAttack:
                 if not self.final_loss_forward:
                     return x_adv
                 with torch.no_grad():  # Rice et al.: a forward in the attack's mode, then max
-                    loss = F.cross_entropy(_promoted(model(x_adv)), y, reduction="none")
+                    z = _promoted(model(x_adv))
+                    loss = F.cross_entropy(z, targets_for(y, z), reduction="none")
                 if best is None:
                     best, best_loss = x_adv, loss
                     continue
@@ -208,7 +215,12 @@ def _paper_intended(epoch: int, epochs: int, eps: float, step_size: float, steps
     return eps_t, eps_t / 2, 5
 
 
+def _ares_ramp(epoch: int, epochs: int, eps: float, step_size: float, steps: int):
+    return eps, step_size * min(epoch - 1, 5) / 5, steps
+
+
 SCHEDULES: dict[str, ScheduleFn] = {
+    "ares_ramp": _ares_ramp,
     "constant": _constant,
     "linear_ramp": _linear_ramp,
     "paper_effective": _paper_effective,
@@ -223,6 +235,8 @@ SCHEDULES: dict[str, ScheduleFn] = {
   piecewise schedule never took effect; this preset reproduces the published models.
 - paper_intended: that intended budget, unreached by the published runs: up to epoch 50 (of 200,
   scaled) 2 steps of eps_t, to 100 3 steps of 2 eps_t / 3, to 150 4 steps of eps_t / 2, then 5.
+- ares_ramp (ARES 2.0's adversarial_training.py): the step size times min(epoch - 1, 5) / 5, so
+  0 in the first epoch and the full step from the sixth; eps and steps unchanged.
 Epochs count from 1, so eps_t reaches eps in the last epoch.
 """
 

@@ -17,9 +17,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from advgkl.config_methods import (GKL_ATTACK_WEIGHTS, PGD_ONLY, bind, last_method,
-                                   method_bound,
-                                   resolve_method)
+from advgkl.config_methods import (GKL_ATTACK_WEIGHTS, PGD_ONLY, SINGLE_STEPS, bind,
+                                   last_method, method_bound, resolve_method)
 from advgkl.errors import ConfigError, check_plain_name
 from advgkl.fields import linf_size_problem, opt, parse_number, set_field
 from advgkl.methods import METHOD_NAMES, METHODS, Settings, settings_fields
@@ -30,7 +29,7 @@ __all__ = ["Config", "ConfigError", "build_config", "config_to_dict", "dump_conf
 
 ATTACK_OBJECTIVES = ("auto", "kl", "teacher_kl", "adaad", "gkl", "ce")
 RANDOM_STARTS = ("auto", "normal", "uniform", "uniform_unclamped", "none")
-ATTACK_KINDS = ("auto", "pgd", "fgsm", "n_fgsm")
+ATTACK_KINDS = ("auto", "pgd", "fgsm", "n_fgsm", "apgd", "ares_pgd")
 CO_GUARD_MODES = ("auto", "off", "warn", "stop", "rollback")
 
 
@@ -52,6 +51,18 @@ class DataConfig:
     augment: str = opt("basic", choices=("none", "basic", "autoaugment", "cutout", "imagenet"),
                        doc="imagenet (image-folder data): timm's RandomResizedCrop + flip + "
                        "colour jitter; none: the evaluation preprocessing")
+    rand_augment: str = opt("", doc="augment imagenet: timm's RandAugment policy (the recipes': "
+                            "rand-m9-mstd0.5-inc1); empty: none")
+    color_jitter: float = opt(0.4, ge=0, doc="augment imagenet: timm's colour jitter strength")
+    interpolation: str = opt("bilinear", choices=("bilinear", "bicubic", "random"),
+                             doc="augment imagenet: RandomResizedCrop's resampling")
+    re_prob: float = opt(0.0, ge=0, le=1, doc="augment imagenet: timm's RandomErasing "
+                         "probability (pixel mode: N(0, 1) noise on the [0, 1] image)")
+    mixup: float = opt(0.0, ge=0, doc="timm's Mixup alpha (soft targets); 0: off")
+    cutmix: float = opt(0.0, ge=0, doc="timm's CutMix alpha (soft targets); 0: off")
+    mixup_prob: float = opt(1.0, ge=0, le=1, doc="probability of Mixup or CutMix per batch")
+    mixup_switch_prob: float = opt(0.5, ge=0, le=1, doc="with both: probability of CutMix")
+    smoothing: float = opt(0.0, ge=0, lt=1, doc="label smoothing of Mixup/CutMix's soft targets")
     two_view: bool = opt(False, doc="train on a basic view and an `augment` view of each image")
     aug_weight: float = opt(1.0, ge=0, doc="weight of the augmented view's robust term")
     num_workers: int = opt(4, ge=0)
@@ -102,8 +113,9 @@ class AttackConfig:
                             "unprojected (TRADES, MART, GKL, RSLAD, AdaAD); uniform: in the eps "
                             "ball, projected (Madry); uniform_unclamped: in the ball, not clamped "
                             "to [0, 1] before the first gradient (ARD)")
-    schedule: str = opt("constant",
-                        choices=("constant", "linear_ramp", "paper_effective", "paper_intended"))
+    schedule: str = opt("constant", choices=("constant", "linear_ramp", "paper_effective",
+                                             "paper_intended", "ares_ramp"),
+                        doc="ares_ramp: step_size * min(epoch - 1, 5) / 5 (ARES: 0 in epoch 1)")
 
 
 def _section(method: str) -> Any:
@@ -124,6 +136,8 @@ class LossConfig:
     fgsm_rs: Any = _section("fgsm_rs")
     n_fgsm: Any = _section("n_fgsm")
     grad_align: Any = _section("grad_align")
+    singh_at: Any = _section("singh_at")
+    ares_at: Any = _section("ares_at")
     ard: Any = _section("ard")
     rslad: Any = _section("rslad")
     adaad: Any = _section("adaad")
@@ -156,25 +170,42 @@ class AwpConfig:
 class TrainConfig:
     epochs: int = opt(200, ge=1)
     batch_size: int = opt(128, ge=1, doc="global batch: split evenly over the processes")
-    lr: float = opt(0.2, gt=0)
+    lr: float = opt(0.2, gt=0, doc="the peak lr (times batch_size / lr_base_batch when set)")
+    lr_base_batch: int = opt(0, ge=0, doc="ARES' rule: lr scales by batch_size / this; 0: off")
+    optimizer: str = opt("sgd", choices=("sgd", "adamw"))
+    betas: list[float] = opt([0.9, 0.999], doc="adamw's betas")
+    adam_eps: float = opt(1e-8, gt=0, doc="adamw's eps")
+    accumulate: int = opt(1, ge=1, doc="micro-batches per optimizer step (each process's share "
+                          "of batch_size split in this many)")
+    checkpoint_steps: int = opt(0, ge=0, doc="also write last.pt every N optimizer steps inside "
+                                "an epoch (exact resume there); 0: at epoch ends only")
     lr_schedule: str = opt("cosine", choices=LR_SCHEDULES, doc="per epoch: cosine, "
                            "cosine_shifted, piecewise; per step: cosinew (DM-AT), cyclic (Wong et "
                            "al.'s CyclicLR), superconverge (GradAlign's / Rice et al.'s triangle "
-                           "peaking at 2/5), piecewise_step (Rice et al.)")
+                           "peaking at 2/5), piecewise_step (Rice et al.), warmup_cosine (Singh et al. "
+                           "2023), timm_cosine (timm's CosineLRScheduler on updates, ARES)")
     cycle_momentum: bool = opt(False, doc="lr_schedule cyclic: CyclicLR's default momentum cycle, "
                                "0.9 at lr 0 down to 0.8 at the peak (train.momentum unused)")
     lr_warmup_epochs: int = opt(0, ge=0)
+    lr_warmup_start: float = opt(0.0, ge=0, doc="warmup_cosine / timm_cosine: the lr the warm-up "
+                                 "starts from")
+    lr_min: float = opt(0.0, ge=0, doc="warmup_cosine / timm_cosine: the cosine's floor")
     lr_first_epochs: list[float] = opt([], doc="the lr of each first epoch, replacing the "
                                        "schedule's value there (LBGAT's script: [0.02])")
     lr_milestones: list[int] = opt([100, 150], doc="epochs from which piecewise divides lr by 10")
     momentum: float = opt(0.9, ge=0, lt=1)
     nesterov: bool = opt(False)
     weight_decay: float = opt(5e-4, ge=0)
-    no_decay_bn_bias: bool = opt(False, doc="exempt BatchNorm weights and biases from decay")
+    no_decay_bn_bias: bool = opt(False, doc="exempt biases and norm weights (all 1-d parameters) "
+                                 "from decay")
+    no_decay_list: bool = opt(False, doc="also exempt the timm model's no_weight_decay() names "
+                              "(position embeddings; timm's create_optimizer, ARES)")
     ema_tau: float = opt(0.9996, ge=0, lt=1)
     ema_start_epoch: int = opt(150, ge=0, doc="EMA copies the weights in this epoch, then averages; "
                                                       "past train.epochs: no EMA")
     ema_warmup: bool = opt(False, doc="decay min(tau, (1+n)/(10+n)) after n updates (DM-AT)")
+    ema_from_init: bool = opt(False, doc="timm's ModelEmaV2: the EMA starts as the initial "
+                              "weights and averages from the first step (ema_start_epoch unused)")
     select_with_ema: bool = opt(True, doc="evaluate and pick best.pt with the EMA once it runs "
                                 "(with the epoch average instead, once that runs)")
     epoch_avg_tau: float = opt(0.0, ge=0, lt=1, doc="the authors' final step: after each epoch "
@@ -431,7 +462,7 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
                            obj.method: _values(settings, settings.unused())}
         elif section.name == "attack":
             out["attack"] = _values(obj, (() if obj.objective == "gkl" else GKL_ATTACK_WEIGHTS)
-                                    + (() if obj.kind == "pgd" else PGD_ONLY))
+                                    + (PGD_ONLY if obj.kind in SINGLE_STEPS else ()))
         elif section.name != "distill" or METHODS[cfg.loss.method].teacher:
             out[section.name] = _values(obj)
     return out

@@ -14,6 +14,7 @@ from advgkl.methods import DISTILLATION, METHOD_NAMES, METHODS
 # The attack's method-bound keys: a config file's values belong to the file's method.
 ATTACK_BOUND = ("kind", "objective", "random_start", "alpha", "beta", "gamma")
 GKL_ATTACK_WEIGHTS = ("alpha", "beta", "gamma")
+SINGLE_STEPS = ("fgsm", "n_fgsm")  # attack kinds that set their own size and start
 PGD_ONLY = ("step_size", "steps", "restarts", "random_start")  # a single step sets its own
 
 
@@ -38,7 +39,8 @@ def method_bound(key: str, method: str, run_method: str) -> bool:
     parts = key.split(".")
     if parts[0] == "attack" and len(parts) == 2:
         return parts[1] in ATTACK_BOUND or (parts[1] in PGD_ONLY
-                                             and METHODS[run_method].attack_kind != "pgd")
+                                             and METHODS[run_method].attack_kind
+                                             in SINGLE_STEPS)
     return parts[0] == "loss" and len(parts) == 3 and parts[1] == method
 
 
@@ -71,6 +73,9 @@ def _resolve_kind(attack: Any, method: Any, settings: Any, explicit: set[str],
                           "another method takes pgd or n_fgsm")
     if attack.kind == "pgd":
         return
+    if attack.kind in RECIPE_STARTS:
+        _resolve_recipe_attack(attack, method)
+        return
     if method.teacher or attack.norm != "Linf":
         raise ConfigError(f"attack.kind: {attack.kind} is a Linf step for adversarial training "
                           f"(not with method {method.name} or attack.norm {attack.norm})")
@@ -80,6 +85,46 @@ def _resolve_kind(attack: Any, method: Any, settings: Any, explicit: set[str],
     own = settings if method.attack_kind != "pgd" else None
     attack.random_start = ("uniform" if attack.kind == "n_fgsm" or getattr(own, "start", "zero")
                            == "uniform" else "none")
+
+
+RECIPE_STARTS = {"apgd": "none", "ares_pgd": "uniform"}  # the ImageNet recipes' attacks
+
+
+def _resolve_recipe_attack(attack: Any, method: Any) -> None:
+    """Singh et al.'s APGD (from x itself; ce or kl) and ARES' PGD (uniform start; ce): Linf,
+    their own start, one restart."""
+    start = RECIPE_STARTS[attack.kind]
+    if method.teacher or attack.norm != "Linf" or attack.restarts != 1:
+        raise ConfigError(f"attack.kind: {attack.kind} is a Linf attack with one restart for "
+                          f"adversarial training (not with method {method.name}, attack.norm "
+                          f"{attack.norm} or attack.restarts {attack.restarts})")
+    if attack.random_start not in ("auto", start):
+        raise ConfigError(f"attack.random_start: {attack.kind} starts {start}; set auto")
+    attack.random_start = start
+    objective = attack.objective if attack.objective != "auto" else method.attack
+    allowed = ("ce", "kl") if attack.kind == "apgd" else ("ce",)
+    if objective not in allowed:
+        raise ConfigError(f"attack.objective: {attack.kind} maximizes {' or '.join(allowed)}, "
+                          f"not {objective}")
+
+
+def check_scale_options(cfg: Any) -> None:
+    """Mixup/CutMix, accumulation and their partners: combinations a method cannot take."""
+    method, d, t = METHODS[cfg.loss.method], cfg.data, cfg.train
+    mixing = d.mixup > 0 or d.cutmix > 0
+    if mixing and not method.soft_targets:
+        raise ConfigError(f"data.mixup / data.cutmix: method {method.name} needs hard labels "
+                          "(it takes no soft targets); set them to 0")
+    if d.smoothing and not mixing:
+        raise ConfigError("data.smoothing: smooths Mixup/CutMix's targets; without them use "
+                          f"loss.{method.name}.label_smoothing")
+    if mixing and getattr(cfg.loss.settings, "label_smoothing", 0):
+        raise ConfigError(f"loss.{method.name}.label_smoothing: with Mixup/CutMix the targets are "
+                          "smoothed by data.smoothing; set it to 0")
+    if t.accumulate > 1 and (cfg.awp.gamma > 0 or method.clean_forward == "after"
+                             or d.two_view):
+        raise ConfigError(f"train.accumulate: {t.accumulate} micro-batches cannot run with AWP, "
+                          "two views or a clean forward after the step (pgd_at); set it to 1")
 
 
 def resolve_method(cfg: Any, explicit: set[str], saved: bool) -> None:
@@ -129,6 +174,7 @@ def resolve_method(cfg: Any, explicit: set[str], saved: bool) -> None:
     if cfg.data.two_view and not method.two_view:
         raise ConfigError(f"data.two_view: method {name} trains on one view; set "
                           "data.two_view=false")
+    check_scale_options(cfg)
 
 
 def attack_description(cfg: Any) -> str:
@@ -137,6 +183,12 @@ def attack_description(cfg: Any) -> str:
     mode = ", model in train mode" if method.attack_train_mode else ""
     if a.kind == "pgd":
         return f"PGD-{a.steps} on {a.objective}, start {a.random_start}{mode}"
+    if a.kind == "apgd":
+        return (f"APGD-{a.steps} on {a.objective} from x (Singh et al.'s training attack: step "
+                f"2 eps, momentum 0.75, the highest-loss point per image)")
+    if a.kind == "ares_pgd":
+        return (f"PGD-{a.steps} on {a.objective}, start uniform, the best batch-mean loss kept "
+                f"(ARES' training attack, step schedule {a.schedule})")
     if method.attack_kind == "pgd":
         return (f"N-FGSM's single step on {a.objective} (our extension: {method.name}'s loss, "
                 f"N-FGSM's published attack){mode}")

@@ -13,23 +13,26 @@ class WeightEMA:
     """EMA of a model's state, as in the paper's code: during epoch `start_epoch` the copy follows
     the weights; from the next epoch on, after each step, ema <- decay * ema + (1 - decay) * w.
     decay = tau, or min(tau, (1 + n) / (10 + n)) after n averaging steps with `warmup` (DM-AT).
-    Integer buffers (BatchNorm's step counter) are copied. Epochs count from 1."""
+    Integer buffers (BatchNorm's step counter) are copied. Epochs count from 1.
+    `from_init` (timm's ModelEmaV2, the ImageNet recipes): the copy starts as the initial weights
+    and every step averages, whatever the epoch (lerp, where timm computes decay * e + (1 -
+    decay) * w: the same up to rounding; timm also averages the integer step counter)."""
 
     def __init__(self, model: nn.Module, *, tau: float, start_epoch: int,
-                 warmup: bool = False) -> None:
+                 warmup: bool = False, from_init: bool = False) -> None:
         if not 0 <= tau < 1:
             raise ValueError(f"tau: {tau} must be in [0, 1)")
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.tau, self.start_epoch, self.warmup = tau, start_epoch, warmup
-        self.started = False
+        self.from_init = self.started = from_init
         self.updates = 0
 
     @torch.no_grad()
     def update(self, model: nn.Module, epoch: int) -> None:
-        if epoch < self.start_epoch:
+        if epoch < self.start_epoch and not self.from_init:
             return
         ours, theirs = self.module.state_dict(), model.state_dict()
-        if epoch == self.start_epoch or not self.started:
+        if not self.from_init and (epoch == self.start_epoch or not self.started):
             for key, value in theirs.items():
                 ours[key].copy_(value)
             self.started = True

@@ -206,11 +206,14 @@ def crop_size(name: str) -> int:
     return int(re.findall(r"\d+", name)[-1])
 
 
-def train_transform(augment: str, size: int, eval_preprocessing: str
-                    ) -> Callable[[Image.Image], Tensor]:
-    """PIL -> float (3, size, size) in [0, 1]. `imagenet`: timm's ImageNet training transform
-    (RandomResizedCrop(size, scale 0.08-1), horizontal flip, colour jitter 0.4) without its
-    normalisation (the models normalise inside); `none`: the evaluation preprocessing."""
+def train_transform(augment: str, size: int, eval_preprocessing: str, *, rand_augment: str = "",
+                    color_jitter: float = 0.4, interpolation: str = "bilinear",
+                    re_prob: float = 0.0) -> Callable[[Image.Image], Tensor]:
+    """PIL -> float (3, size, size) in [0, 1] (RandomErasing's noise can leave it). `imagenet`:
+    timm's ImageNet training transform (RandomResizedCrop(size, scale 0.08-1) with
+    `interpolation`, horizontal flip, RandAugment `rand_augment` or else colour jitter,
+    RandomErasing with `re_prob` in pixel mode) with mean 0 and std 1, as Singh et al. build it
+    (the models normalise inside); `none`: the evaluation preprocessing."""
     if augment not in FOLDER_AUGMENTS:
         raise UserError(f"data.augment: {augment!r}; image-folder data sets take "
                         f"{' or '.join(FOLDER_AUGMENTS)}")
@@ -218,8 +221,16 @@ def train_transform(augment: str, size: int, eval_preprocessing: str
         return preprocessing(eval_preprocessing, floats=True)
     from advgkl.models.imagenet import import_timm
 
-    return import_timm().data.create_transform(size, is_training=True, mean=(0.0, 0.0, 0.0),
-                                               std=(1.0, 1.0, 1.0))
+    if rand_augment and not rand_augment.startswith("rand-"):
+        raise UserError(f"data.rand_augment: {rand_augment!r} is not a timm RandAugment policy "
+                        "(e.g. rand-m9-mstd0.5-inc1)")
+    try:
+        return import_timm().data.create_transform(
+            size, is_training=True, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+            auto_augment=rand_augment or None, color_jitter=color_jitter,
+            interpolation=interpolation, re_prob=re_prob, re_mode="pixel")
+    except (AssertionError, ValueError, KeyError) as exc:
+        raise UserError(f"data.rand_augment: {rand_augment!r}: timm refuses it ({exc})") from None
 
 
 class FolderDataset(Dataset):

@@ -228,6 +228,7 @@ class Method:
     clean_forward: str = "before"     # before / after the optimizer step (Rice et al.), or none
     input_gradient_reg: bool = False  # GradAlign: a regularizer on input gradients
     final_loss_forward: bool = False  # Rice et al.: the attack ends with a per-point loss forward
+    soft_targets: bool = True         # its terms take Mixup/CutMix's soft targets
 
     def attack_objective(self, dataset: str) -> str:
         return self.attack_cifar100 if dataset == "cifar100" and self.attack_cifar100 \
@@ -235,7 +236,9 @@ class Method:
 
 
 _AT = {"awp": True, "two_view": True}
-_KD = {"teacher": True, "awp": False, "two_view": False}
+_KD = {"teacher": True, "awp": False, "two_view": False, "soft_targets": False}
+# The ImageNet recipes: CE on the adversarial batch only, the attack in eval mode.
+_RECIPE = {"clean_forward": "none", "awp": False, "two_view": False}
 # The fast methods as their authors run them: the model in train mode throughout, no clean forward.
 _FAST = {"attack_train_mode": True, "clean_forward": "none", "awp": False, "two_view": False}
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -243,9 +246,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            start="uniform", attack_train_mode=True, clean_forward="after",
            final_loss_forward=True, **_AT),
     Method("trades", "TRADES (Zhang et al. 2019)", TradesSettings, "kl", **_AT),
-    Method("mart", "MART (Wang et al. 2020)", MartSettings, "ce", clean_first=True, **_AT),
+    Method("mart", "MART (Wang et al. 2020)", MartSettings, "ce", clean_first=True,
+           soft_targets=False, **_AT),
     Method("lbgat", "LBGAT (Cui et al. 2021)", LbgatSettings, "kl", natural_model=True,
-           awp=False, two_view=False),
+           awp=False, two_view=False, soft_targets=False),
     Method("ikl", "IKL-AT (Cui et al., NeurIPS 2024)", IklSettings, "kl", attack_cifar100="gkl",
            **_AT),
     Method("gkl", "GKL-AT (Cui et al., TPAMI 2026)", GklSettings, "kl", attack_cifar100="gkl",
@@ -260,7 +264,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("n_fgsm", "N-FGSM (de Jorge et al. 2022)", NFgsmSettings, "ce", start="uniform",
            attack_kind="n_fgsm", **_FAST),
     Method("grad_align", "GradAlign (Andriushchenko & Flammarion 2020)", GradAlignSettings, "ce",
-           start="none", attack_kind="fgsm", input_gradient_reg=True, **_FAST),
+           start="none", attack_kind="fgsm", input_gradient_reg=True, soft_targets=False,
+           **_FAST),
+    Method("singh_at", "AT as Singh, Croce & Hein 2023 run it (APGD; revisiting-at's code)",
+           PgdAtSettings, "ce", start="none", attack_kind="apgd", **_RECIPE),
+    Method("ares_at", "AT as ARES 2.0 (Liu et al. 2023) runs it (best-loss PGD)", PgdAtSettings,
+           "ce", start="uniform", attack_kind="ares_pgd", **_RECIPE),
 )}
 METHOD_NAMES = tuple(METHODS)
 DISTILLATION = tuple(name for name, m in METHODS.items() if m.teacher)

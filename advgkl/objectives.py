@@ -101,7 +101,8 @@ def _gkl(obj: "Objective", o: Logits) -> dict[str, Tensor]:
 
 TERMS: dict[str, Terms] = {"pgd_at": _pgd_at, "trades": _trades, "mart": _mart, "lbgat": _lbgat,
                            "ikl": _ikl, "gkl": _gkl, "fgsm_rs": _single_step,
-                           "n_fgsm": _single_step, "grad_align": _single_step, **distill.TERMS}
+                           "n_fgsm": _single_step, "grad_align": _single_step, "singh_at": _pgd_at,
+                           "ares_at": _pgd_at, **distill.TERMS}
 
 
 @dataclass(frozen=True)

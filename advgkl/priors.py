@@ -42,17 +42,25 @@ class ClassPrior:
         self._sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
 
     def rows(self, y: Tensor) -> Tensor:
-        """(B,) labels -> (B, C): the prior row of each sample's true class."""
+        """(B,) labels -> (B, C): the prior row of each sample's true class; (B, C) soft
+        targets (Mixup/CutMix) -> their mixture of rows, targets @ prior."""
+        if y.dim() > 1:
+            return y.to(self.prior) @ self.prior
         return self.prior[y.to(self.prior.device)]
 
     @torch.no_grad()
     def update(self, logits_nat: Tensor, y: Tensor) -> None:
-        """Accumulate the clean softmax of a batch into its true classes' rows."""
+        """Accumulate the clean softmax of a batch into its true classes' rows (soft targets:
+        into every class's row, weighted by the target)."""
         if logits_nat.shape != (y.shape[0], self.num_classes):
             raise ValueError(f"logits_nat: expected shape ({y.shape[0]}, {self.num_classes}), "
                              f"got {tuple(logits_nat.shape)}")
         probs = F.softmax(logits_nat.detach().double() / self.temperature, dim=1)
-        self._sums.index_add_(0, y.to(self._sums.device), probs.to(self._sums.device))
+        probs = probs.to(self._sums.device)
+        if y.dim() > 1:
+            self._sums += y.to(self._sums).T @ probs
+        else:
+            self._sums.index_add_(0, y.to(self._sums.device), probs)
         if self.mode == "ema":
             self._mix_in_sums()
 

@@ -7,7 +7,31 @@ import math
 import numpy as np
 
 LR_SCHEDULES = ("cosine", "cosine_shifted", "piecewise", "cosinew", "cyclic", "superconverge",
-                "piecewise_step")
+                "piecewise_step", "warmup_cosine", "timm_cosine")
+
+
+def peak_lr(lr: float, batch_size: int, base_batch: int) -> float:
+    """ARES' scaling rule: lr * global batch / base_batch (base_batch 0: lr as given)."""
+    return lr * batch_size / base_batch if base_batch else lr
+
+
+def _singh_epoch_value(t: float, epochs: int, lr: float, warmup: int, start: float,
+                       lr_min: float) -> float:
+    """Singh et al.'s get_cosine_lr at epoch t (0-based): linear from `start` to lr over the
+    warm-up, then cosine to lr_min."""
+    if t <= warmup:
+        return float(np.interp([t], [0, warmup], [start, lr])[0])
+    return lr_min + .5 * (lr - lr_min) * (1 + math.cos(math.pi * (t - warmup) / (epochs - warmup)))
+
+
+def _timm_cosine(g: int, total: int, lr: float, warmup_t: int, start: float,
+                 lr_min: float) -> float:
+    """timm's CosineLRScheduler (one cycle, no warm-up prefix, k 1) at update g of `total`."""
+    if g < warmup_t:
+        return start + g * ((lr - start) / warmup_t)
+    if g >= total:
+        return lr_min
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * g ** 1.0 / total ** 1.0))
 
 
 def _cyclic_scale(epoch: int, epochs: int, step: int, batches: int) -> float:
@@ -26,7 +50,8 @@ def cyclic_momentum(epoch: int, epochs: int, step: int, batches: int) -> float:
 
 
 def learning_rate(schedule: str, epoch: int, epochs: int, step: int, batches: int, *, lr: float,
-                  warmup: int, milestones: list[int], first: list[float] = ()) -> float:
+                  warmup: int, milestones: list[int], first: list[float] = (),
+                  warmup_start: float = 0.0, lr_min: float = 0.0) -> float:
     """LR of step `step` (0-based) of the `batches` steps of `epoch` (1-based).
 
     first: explicit lrs of the first epochs (a hand-written warm-up, LBGAT's [0.02]), before the
@@ -44,6 +69,12 @@ def learning_rate(schedule: str, epoch: int, epochs: int, step: int, batches: in
     step at t = epochs done + (step + 1) / batches): np.interp(t, [0, epochs * 2 // 5, epochs],
     [0, lr, 0]).
     piecewise_step (Rice et al., per step at the same t): lr / 10 ** (milestones passed by t).
+    warmup_cosine (Singh et al. 2023, main.py): per epoch, linear from warmup_start to lr over
+    `warmup` epochs then cosine to lr_min; per step interpolated linearly between this epoch's
+    value and the next's (their np.interp over the epoch's iterations).
+    timm_cosine (ARES: timm's CosineLRScheduler stepped on updates): linear from warmup_start
+    over `warmup` epochs of updates, then lr_min + (lr - lr_min)(1 + cos(pi g / all updates))/2
+    at update g (the warm-up is not a prefix: the cosine counts from update 0).
     """
     if epoch <= len(first):
         return first[epoch - 1]
@@ -54,6 +85,13 @@ def learning_rate(schedule: str, epoch: int, epochs: int, step: int, batches: in
         return lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (epochs - warmup)))
     if schedule == "cyclic":
         return lr * _cyclic_scale(epoch, epochs, step, batches)
+    if schedule == "warmup_cosine":
+        a, b = (_singh_epoch_value(t, epochs, lr, warmup, warmup_start, lr_min)
+                for t in (epoch - 1, epoch))
+        return float(np.interp([step], [0, batches], [a, b])[0])
+    if schedule == "timm_cosine":
+        return _timm_cosine((epoch - 1) * batches + step, epochs * batches, lr, warmup * batches,
+                            warmup_start, lr_min)
     t_end = epoch - 1 + (step + 1) / batches
     if schedule == "superconverge":
         return float(np.interp([t_end], [0, epochs * 2 // 5, epochs], [0, lr, 0])[0])

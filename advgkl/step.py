@@ -11,6 +11,7 @@ compiled.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -48,16 +49,50 @@ def kernel_options(cfg: Config, device: torch.device,
     return {k: on and cuda for k, on in wanted.items()}
 
 
-def build_optimizer(model: nn.Module, cfg: Config, *others: nn.Module) -> torch.optim.SGD:
-    """One SGD over the parameters of `model` and `others` (LBGAT's natural model)."""
+def _no_decay_names(module: nn.Module) -> set[str]:
+    """Parameter names the timm models inside `module` exempt from decay (no_weight_decay())."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        if callable(getattr(sub, "no_weight_decay", None)):
+            names |= {f"{prefix}.{n}" if prefix else n for n in sub.no_weight_decay()}
+    return names
+
+
+def build_optimizer(model: nn.Module, cfg: Config, *others: nn.Module) -> torch.optim.Optimizer:
+    """One SGD or AdamW over the parameters of `model` and `others` (LBGAT's natural model);
+    biases and norm weights (1-d) and the timm models' no_weight_decay() names exempt from decay
+    when asked (the groups timm's create_optimizer builds)."""
+    t = cfg.train
     decay, no_decay = [], []
-    for p in (p for m in (model, *others) for p in m.parameters()):
-        (no_decay if cfg.train.no_decay_bn_bias and p.dim() <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+    for module in (model, *others):
+        skip = _no_decay_names(module) if t.no_decay_list else set()
+        for name, p in module.named_parameters():
+            exempt = (t.no_decay_bn_bias and p.dim() <= 1) or name in skip
+            (no_decay if exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                           nesterov=cfg.train.nesterov)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+
+
+def build_mixup(cfg: Config, num_classes: int) -> Callable | None:
+    """timm's Mixup / CutMix (per batch, soft targets with data.smoothing), or None when off."""
+    d = cfg.data
+    if not (d.mixup or d.cutmix):
+        return None
+    from advgkl.models.imagenet import import_timm
+
+    return import_timm().data.Mixup(
+        mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
+        switch_prob=d.mixup_switch_prob, mode="batch", label_smoothing=d.smoothing,
+        num_classes=num_classes)
+
+
+def hard_labels(y: Tensor) -> Tensor:
+    """(B,) labels, or the most likely class of (B, C) soft targets."""
+    return y.argmax(1) if y.dim() > 1 else y
 
 
 def _ddp(module: nn.Module, device: torch.device, world: int) -> nn.Module:
@@ -120,7 +155,9 @@ class TrainStep:
         self.awp = (AWP(self.model, gamma=cfg.awp.gamma, warmup_epochs=cfg.awp.warmup_epochs,
                         lr=cfg.train.lr) if cfg.awp.gamma > 0 else None)  # the proxy: a full copy
         self.ema = WeightEMA(self.model, tau=cfg.train.ema_tau,
-                             start_epoch=cfg.train.ema_start_epoch, warmup=cfg.train.ema_warmup)
+                             start_epoch=cfg.train.ema_start_epoch, warmup=cfg.train.ema_warmup,
+                             from_init=cfg.train.ema_from_init)
+        self.mixup = build_mixup(cfg, num_classes)
         self.epoch_avg = (EpochAverage(self.model, tau=cfg.train.epoch_avg_tau,
                                        start=cfg.train.epoch_avg_start)
                           if cfg.train.epoch_avg_tau > 0 else None)
@@ -155,10 +192,11 @@ class TrainStep:
 
     def __call__(self, x: Tensor, y: Tensor, *, attack: PGDAttack, epoch: int, lr: float,
                  momentum: float | None = None) -> dict[str, float]:
-        """One step on the loader's batch (x, y) at `lr` (and `momentum`, when the schedule
-        cycles it); returns the batch's mean loss terms, its count of correct clean predictions
-        and its size (methods without a clean forward: of the adversarial batch, as their
-        authors log). A non-finite loss returns before any update."""
+        """One optimizer step on the loader's batch (x, y) at `lr` (and `momentum`, when the
+        schedule cycles it), over train.accumulate micro-batches (Mixup/CutMix per micro-batch,
+        gradients summed, synchronized under DDP once); returns the batch's mean loss terms, its
+        count of correct clean predictions and its size (methods without a clean forward: of the
+        adversarial batch, as their authors log). A non-finite loss returns before any update."""
         data, device = self.cfg.data, self.device
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -171,8 +209,44 @@ class TrainStep:
             x = to_unit_float(random_crop_flip(x))
         x = x.contiguous(memory_format=self.memory_format)
         y = y.to(device, non_blocking=True)
-        n_basic = len(y) // 2 if data.two_view else len(y)
+        parts = self.cfg.train.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {k: 0.0 for k in (*STATS, "n")}
+        done = []
+        for j, (xj, yj) in enumerate(zip(x.chunk(parts), y.chunk(parts))):
+            with self._sync(j == parts - 1):
+                stats, after = self._micro(xj, yj, attack, epoch, 1.0 / parts)
+            for key in STATS:
+                totals[key] += stats[key] * (1 if key == "correct" else stats["n"])
+            totals["n"] += stats["n"]
+            if not math.isfinite(stats["loss"]):
+                return stats
+            done.append(after)
+        self.optimizer.step()
+        for after in done:  # Rice et al.'s clean forward: accumulate 1 only (config)
+            totals.update(self._after_step(*after))
+        self.ema.update(self.model, epoch)
+        n = totals["n"]
+        return {**{k: totals[k] / n for k in ("loss", "ce", "robust")},
+                "correct": totals["correct"], "n": int(n)}
 
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP's gradient all-reduce only with the last micro-batch's backward."""
+        if last:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for net in (self.train_net, self.natural_train):
+            if isinstance(net, DistributedDataParallel):
+                stack.enter_context(net.no_sync())
+        return stack
+
+    def _micro(self, x: Tensor, y: Tensor, attack: PGDAttack, epoch: int,
+               scale: float) -> tuple[dict[str, float], tuple]:
+        """Attack, forwards and backward (of loss * scale) of one micro-batch; (its stats, what
+        the after-step work needs)."""
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        n_basic = len(y) // 2 if self.cfg.data.two_view else len(y)
         rows = self.prior.rows(y) if self.prior_source else None
         with self.train_amp:
             teacher_nat = self._teacher_logits(x) if self.teacher_on_clean else None
@@ -189,27 +263,32 @@ class TrainStep:
                 guide=self.natural_train(x) if self.natural is not None else None,
                 teacher_adv=(self._teacher_logits(x if x_adv is None else x_adv)
                              if self.method.attack == "adaad" else None), input_reg=reg)
-            out = (two_view_terms(self.objective, logits, data.aug_weight) if data.two_view
-                   else self.objective(logits))
-        # One device sync per step for the logs and the finiteness check.
+            out = (two_view_terms(self.objective, logits, self.cfg.data.aug_weight)
+                   if self.cfg.data.two_view else self.objective(logits))
+        # One device sync per micro-batch for the logs and the finiteness check.
         values = torch.stack([out["loss"].detach(), out["ce"].detach(), out["robust"].detach(),
-                              (logits_nat.argmax(1) == y).sum().to(out["loss"].dtype)]).tolist()
+                              (logits_nat.argmax(1) == hard_labels(y)).sum().to(out["loss"].dtype)
+                              ]).tolist()
         stats = {**dict(zip(STATS, values)), "n": len(y)}
-        if not math.isfinite(stats["loss"]):
-            return stats
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.optimizer.step()
+        if math.isfinite(stats["loss"]):
+            (out["loss"] * scale if scale != 1 else out["loss"]).backward()
+        clean = x if x_adv is not None and self.method.clean_forward == "after" else None
+        return stats, (diff, clean, y, logits_nat[:n_basic].detach(), teacher_nat)
+
+    def _after_step(self, diff: Any, x_clean: Tensor | None, y: Tensor, logits_nat: Tensor,
+                    teacher_nat: Tensor | None) -> dict[str, float]:
+        """AWP's restore, Rice et al.'s clean forward after the step (its CE and correct count
+        replace the logged ones), the class prior's update."""
         if diff is not None:
             self.awp.restore(diff)
-        if self.method.clean_forward == "after" and x_adv is not None:
-            with torch.no_grad(), self.train_amp:  # Rice et al.: for the logs; BN moves
-                logits_nat = self.net(x)
-            stats["ce"], stats["correct"] = torch.stack([
-                cross_entropy(logits_nat, y), (logits_nat.argmax(1) == y).sum().float()]).tolist()
         if self.prior_source == "student":
-            self.prior.update(logits_nat[:n_basic], y[:n_basic])
+            self.prior.update(logits_nat, y[:len(logits_nat)])
         elif self.prior_source == "teacher":
             self.prior.update(teacher_nat, y)
-        self.ema.update(self.model, epoch)
-        return stats
+        if x_clean is None:
+            return {}
+        with torch.no_grad(), self.train_amp:  # Rice et al.: for the logs; BN moves
+            logits_nat = self.net(x_clean)
+        ce, correct = torch.stack([cross_entropy(logits_nat, y),
+                                   (logits_nat.argmax(1) == hard_labels(y)).sum().float()]).tolist()
+        return {"ce": ce * len(y), "correct": correct}

@@ -21,7 +21,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -31,7 +31,7 @@ from advgkl.attacks import PGDAttack, attack_schedule
 from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from advgkl.co_guard import COGuard, guard_mode
 from advgkl.config import Config, config_to_dict, save_config
-from advgkl.config_methods import attack_description
+from advgkl.config_methods import SINGLE_STEPS, attack_description
 from advgkl.data import Split, to_unit_float
 from advgkl.errors import UserError, check_plain_name
 from advgkl.evaluate import evaluate_pgd
@@ -39,13 +39,18 @@ from advgkl.init_weights import load_init
 from advgkl.machine import describe_machine
 from advgkl.methods import METHODS, describe
 from advgkl.models import create_model
-from advgkl.rng import rng_state, seed_everything, set_rng_state
+from advgkl.rng import seed_everything
 from advgkl.runlog import RunLog, check_trackers
-from advgkl.schedules import cyclic_momentum, learning_rate
+from advgkl.schedules import cyclic_momentum, learning_rate, peak_lr
+from advgkl.recipe_attacks import APGDTrain, AresPGD
 from advgkl.single_step import build_single_step
 from advgkl.step import TrainStep
 from advgkl.teacher import Teacher, load_teacher
 from advgkl.train_data import TrainData, epoch_loader, training_data
+from advgkl.train_state import PARTIAL, latest_state, model_kwargs, restore, run_state
+
+
+RECIPE_ATTACKS = {"apgd": APGDTrain, "ares_pgd": AresPGD}
 
 
 class TrainingError(UserError):
@@ -68,12 +73,16 @@ def run_dir_for(cfg: Config, config_path: str | Path) -> Path:
 
 def build_attack(cfg: Config, epoch: int) -> PGDAttack:
     """The training attack of `epoch` (1-based), exactly as the trainer runs it: PGD, or a single
-    step (the method's own, or N-FGSM's published one with attack.kind n_fgsm)."""
+    step (the method's own, or N-FGSM's published one with attack.kind n_fgsm), or an ImageNet
+    recipe's (apgd: Singh et al.'s APGD; ares_pgd: ARES' best-loss PGD)."""
     a, method = cfg.attack, METHODS[cfg.loss.method]
     eps, step_size, steps = attack_schedule(a.schedule, epoch, cfg.train.epochs, eps=a.eps,
                                             step_size=a.step_size, steps=a.steps)
     common = {"objective": a.objective, "alpha": a.alpha, "beta": a.beta, "gamma": a.gamma,
               "bn_train": method.attack_train_mode}
+    if a.kind in RECIPE_ATTACKS:
+        return RECIPE_ATTACKS[a.kind](eps=eps, step_size=step_size, steps=steps,
+                                      random_start=a.random_start, **common)
     if a.kind != "pgd":
         settings = (cfg.loss.settings if method.attack_kind != "pgd"
                     else METHODS["n_fgsm"].settings())
@@ -84,10 +93,21 @@ def build_attack(cfg: Config, epoch: int) -> PGDAttack:
                      final_loss_forward=method.final_loss_forward and steps > 0, **common)
 
 
-def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """The architecture's keyword arguments the config sets (saved in checkpoints)."""
-    return {} if cfg.model.normalize or not cfg.model.arch.startswith("timm:") else {
-        "normalize": False}
+def check_batch_split(cfg: Config, world: int) -> None:
+    """The global batch splits evenly over the processes and each process's share over
+    train.accumulate micro-batches (of an even size with Mixup/CutMix)."""
+    t, parts = cfg.train, world * cfg.train.accumulate
+    if t.batch_size % world:
+        raise UserError(f"train.batch_size: {t.batch_size} (the global batch) must divide "
+                        f"evenly over {world} processes")
+    if t.batch_size % parts:
+        raise UserError(f"train.accumulate: {t.accumulate} micro-batches do not divide each "
+                        f"process's {t.batch_size // world} images (train.batch_size "
+                        f"{t.batch_size} over {world} processes)")
+    if (cfg.data.mixup or cfg.data.cutmix) and (t.batch_size // parts) % 2:
+        raise UserError(f"data.mixup / data.cutmix: the micro-batch of {t.batch_size // parts} "
+                        "images must be even (timm's Mixup pairs each image with the batch "
+                        "flipped)")
 
 
 def build_model(arch: str, num_classes: int, key: str = "model.arch",
@@ -109,9 +129,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     run_dir = Path(run_dir)
     last = run_dir / "last.pt"
     ranks, device_name = distributed.setup(cfg.train.device)
-    if cfg.train.batch_size % ranks.world:
-        raise UserError(f"train.batch_size: {cfg.train.batch_size} (the global batch) must divide "
-                        f"evenly over {ranks.world} processes")
+    check_batch_split(cfg, ranks.world)
     if resume and not run_dir.is_dir():
         raise UserError(f"{run_dir}: nothing to resume (no such run folder)")
     if not resume and run_dir.exists():
@@ -119,7 +137,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                 "1 with its saved config)")
         raise UserError(f"{run_dir} already exists{hint}; resume it with --resume {run_dir} or "
                         "choose another run.name (nothing was overwritten)")
-    ckpt = load_checkpoint(last, map_location="cpu") if resume and last.is_file() else None
+    ckpt = latest_state(run_dir) if resume else None
     legacy = ckpt is not None and "check" not in ckpt and cfg.eval.check != "test"
     if legacy:  # a run from before validation splits trained on all images: keep what it did
         cfg.eval.check = "test"
@@ -173,32 +191,17 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         distributed.teardown(ranks)
 
 
-def _restore(parts: TrainStep, ckpt: dict, log: RunLog) -> tuple[int, int, float]:
-    """Load `last.pt`'s state into `parts`; returns (first epoch to run, step, best)."""
-    parts.model.load_state_dict(ckpt["model"])
-    parts.ema.load_state_dict(ckpt["ema"])
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.prior.load_state_dict(ckpt["prior"])
-    if parts.epoch_avg is not None:
-        parts.epoch_avg.load_state_dict(ckpt["epoch_avg"])
-    if parts.natural is not None:
-        parts.natural.load_state_dict(ckpt["natural"]["model"])
-    if ckpt["epoch"] not in log.logged_epochs():  # killed between last.pt and its row
-        log.append_metrics(ckpt["metrics"])
-    set_rng_state(ckpt["rng"])
-    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best_robust_acc"]
-
-
 def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: dict | None,
          ranks: distributed.DistInfo, log: RunLog, echo: bool,
          teacher: Teacher | None) -> dict[str, Any]:
     device = parts.device
     dataset, n_real, check, check_label = data.dataset, data.n_real, data.check, data.check_label
-    start_epoch, step, best = 1, 0, -1.0
+    start_epoch, step, best, position = 1, 0, -1.0, None
     if ckpt is not None:
-        start_epoch, step, best = _restore(parts, ckpt, log)
-        log.log(f"resumed from {run_dir / 'last.pt'} after epoch {ckpt['epoch']} on "
-                f"{describe_machine(device)}")
+        start_epoch, step, best, position = restore(parts, ckpt, log)
+        where = (f"inside epoch {start_epoch} (before its batch {position['batch'] + 1})"
+                 if position else f"after epoch {ckpt['epoch']}")
+        log.log(f"resumed {where} on {describe_machine(device)}")
     else:
         log.log(f"training {cfg.model.arch} on {cfg.data.dataset} with {cfg.loss.method} "
                 f"on {device} into {run_dir}")
@@ -226,14 +229,26 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
         log.log(f"the CO guard stopped this run at epoch {guard.state.stopped_at}; nothing to "
                 f"resume (the final model is epoch {guard.state.good_epoch}'s)")
         return {}
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = dict(ckpt["metrics"]) if ckpt is not None else {}
     epoch = start_epoch
     while epoch <= cfg.train.epochs:
         attack = build_attack(cfg, epoch)
-        loader = epoch_loader(cfg, dataset, n_real, ranks, epoch, device.type == "cuda")
+        first = position["batch"] if position else 0
+        loader = epoch_loader(cfg, dataset, n_real, ranks, epoch, device.type == "cuda",
+                              skip=first)
         lr_scale = guard.state.lr_scale if guard is not None else 1.0
-        sums, lr, seconds, step = _train_epoch(cfg, parts, loader, attack, epoch, step, lr_scale,
-                                               run_dir, log, echo and ranks.main)
+
+        def save_inside(batch: int, at_step: int, sums: dict, seconds: float) -> None:
+            if ranks.main:
+                save_checkpoint(run_dir / PARTIAL, run_state(
+                    cfg, parts, teacher=teacher, guard=guard, epoch=epoch - 1, step=at_step,
+                    best=best, metrics=metrics, selection=None,
+                    position={"batch": batch, "sums": dict(sums), "seconds": seconds}))
+
+        sums, lr, seconds, step = _train_epoch(
+            cfg, parts, loader, attack, epoch, step, lr_scale, run_dir, log, echo and ranks.main,
+            first=first, resumed=position, save=save_inside)
+        position = None
         parts.prior.end_epoch()
         if parts.epoch_avg is not None:
             parts.epoch_avg.update(parts.model.state_dict(), epoch)
@@ -252,6 +267,7 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
                        "seconds": seconds}
             best, action = _end_epoch(cfg, run_dir, parts, check, check_label, epoch, step, best,
                                       metrics, log, teacher, guard)
+            (run_dir / PARTIAL).unlink(missing_ok=True)  # last.pt now holds the newer state
         action = _ACTIONS[int(distributed.all_reduce_sum([_ACTIONS.index(action)], ranks,
                                                          device)[0])]
         if action == "stop":
@@ -259,7 +275,7 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
         if action == "rollback":  # every rank restores the state rank 0 rewrote into last.pt
             distributed.barrier(ranks)
             restored = load_checkpoint(run_dir / "last.pt", map_location="cpu")
-            epoch, step, best = _restore(parts, restored, log)
+            epoch, step, best, _ = restore(parts, restored, log)
             guard.load_state_dict(restored["co_guard"])
             continue
         epoch += 1
@@ -274,7 +290,7 @@ def _guard(cfg: Config, check: Split | None, log: RunLog) -> COGuard | None:
     """The run's catastrophic-overfitting guard (None: off), on the first co_guard_points of
     the validation split."""
     t = cfg.train
-    mode, note = guard_mode(t.co_guard, single_step=cfg.attack.kind != "pgd",
+    mode, note = guard_mode(t.co_guard, single_step=cfg.attack.kind in SINGLE_STEPS,
                             check=cfg.eval.check)
     if note:
         log.log(f"note: {note}")
@@ -290,22 +306,28 @@ def _guard(cfg: Config, check: Split | None, log: RunLog) -> COGuard | None:
 
 
 def _train_epoch(cfg: Config, parts: TrainStep, loader: Iterable, attack: PGDAttack, epoch: int,
-                 step: int, lr_scale: float, run_dir: Path, log: RunLog,
-                 echo: bool) -> tuple[dict[str, float], float, float, int]:
-    """One epoch of steps; (sums of the loss terms, correct and seen; the last lr; seconds; the
-    global step after it)."""
+                 step: int, lr_scale: float, run_dir: Path, log: RunLog, echo: bool, *,
+                 first: int = 0, resumed: dict | None = None,
+                 save: Callable[[int, int, dict, float], None] | None = None
+                 ) -> tuple[dict[str, float], float, float, int]:
+    """One epoch of steps from batch `first` (a resume inside the epoch, with the sums and
+    seconds so far in `resumed`), `save` called every train.checkpoint_steps steps; (sums of the
+    loss terms, correct and seen; the last lr; seconds; the global step after it)."""
     t = cfg.train
     parts.model.train()
-    sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "correct": 0, "seen": 0}
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", leave=False,
+    sums = (dict(resumed["sums"]) if resumed else
+            {"loss": 0.0, "ce": 0.0, "robust": 0.0, "correct": 0, "seen": 0})
+    start = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", leave=False, initial=first,
+               total=first + len(loader),
                disable=None if echo else True)  # None: off if no terminal
-    lr = 0.0
-    for i, (x, y) in enumerate(bar):
-        lr = lr_scale * learning_rate(t.lr_schedule, epoch, t.epochs, i, len(loader), lr=t.lr,
+    lr, batches, peak = 0.0, first + len(loader), peak_lr(t.lr, t.batch_size, t.lr_base_batch)
+    for i, (x, y) in enumerate(bar, start=first):
+        lr = lr_scale * learning_rate(t.lr_schedule, epoch, t.epochs, i, batches, lr=peak,
                                       warmup=t.lr_warmup_epochs, milestones=t.lr_milestones,
-                                      first=t.lr_first_epochs)
-        momentum = cyclic_momentum(epoch, t.epochs, i, len(loader)) if t.cycle_momentum else None
+                                      first=t.lr_first_epochs, warmup_start=t.lr_warmup_start,
+                                      lr_min=t.lr_min)
+        momentum = cyclic_momentum(epoch, t.epochs, i, batches) if t.cycle_momentum else None
         stats = parts(x, y, attack=attack, epoch=epoch, lr=lr, momentum=momentum)
         if not math.isfinite(stats["loss"]):
             kept = (f"{run_dir / 'last.pt'} holds the last good state" if epoch > 1
@@ -322,6 +344,8 @@ def _train_epoch(cfg: Config, parts: TrainStep, loader: Iterable, attack: PGDAtt
         sums["seen"] += stats["n"]
         bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
                         img_s=f"{sums['seen'] / (time.perf_counter() - start):.0f}")
+        if save and t.checkpoint_steps and step % t.checkpoint_steps == 0 and i + 1 < batches:
+            save(i + 1, step, sums, time.perf_counter() - start)
     return sums, lr, time.perf_counter() - start, step
 
 
@@ -364,17 +388,8 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
                 f"{', best' if is_best else ''}")
     arch, num_classes, config = cfg.model.arch, parts.prior.num_classes, config_to_dict(cfg)
     kwargs = model_kwargs(cfg)
-    ckpt = model_checkpoint(
-        parts.model.state_dict(), arch=arch, num_classes=num_classes, arch_kwargs=kwargs,
-        ema=parts.ema.state_dict(), optimizer=parts.optimizer.state_dict(),
-        prior=parts.prior.state_dict(),
-        epoch_avg=parts.epoch_avg.state_dict() if parts.epoch_avg is not None else None,
-        natural=({"arch": cfg.loss.lbgat.natural_arch, "model": parts.natural.state_dict()}
-                 if parts.natural is not None else None),
-        teacher=teacher.identity if teacher is not None else None,
-        epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(), config=config,
-        metrics=metrics, check=selection,
-        co_guard=guard.state_dict() if guard is not None else None)
+    ckpt = run_state(cfg, parts, teacher=teacher, guard=guard, epoch=epoch, step=step, best=best,
+                     metrics=metrics, selection=selection)
     if action in ("stop", "rollback"):  # the guard's state first: a kill after it resumes it
         for name in ("last.pt", "best.pt", "avg.pt") if action == "stop" else ("last.pt",):
             if (run_dir / name).exists():

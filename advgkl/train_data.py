@@ -4,9 +4,11 @@ batches of an epoch."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
@@ -41,8 +43,9 @@ def check_data_options(cfg: Config) -> None:
             raise UserError("data.two_view, data.device_augment and data.generated are for "
                             "in-memory data sets; not with an image folder")
         return
-    if data.augment == "imagenet" or data.shards:
-        raise UserError(f"data.augment=imagenet and data.shards are for image-folder data sets "
+    if data.augment == "imagenet" or data.shards or data.rand_augment or data.re_prob:
+        raise UserError(f"data.augment=imagenet (with data.rand_augment, data.re_prob) and "
+                        f"data.shards are for image-folder data sets "
                         f"(data.dataset imagenet or folder), not {data.dataset}")
     if data.device_augment and (data.augment != "basic" or data.two_view):
         raise UserError("data.device_augment: runs the basic augmentation only; use it with "
@@ -86,13 +89,21 @@ def training_set(cfg: Config, real: Split, num_classes: int) -> Dataset:
     return dataset
 
 
+def augment_options(cfg: Config) -> dict:
+    """timm's training-transform options the config sets (augment imagenet)."""
+    d = cfg.data
+    return {"rand_augment": d.rand_augment, "color_jitter": d.color_jitter,
+            "interpolation": d.interpolation, "re_prob": d.re_prob}
+
+
 def _folder_sets(cfg: Config) -> tuple[Dataset, Dataset, list[str], str]:
     """(training images with the training transform, the same with the evaluation
     preprocessing, the classes, where they come from): ROOT/train, or its shards."""
     from advgkl.shards import ShardDataset, check_against, read_index
 
     data = cfg.data
-    augment = train_transform(data.augment, data.image_size, data.preprocessing)
+    augment = train_transform(data.augment, data.image_size, data.preprocessing,
+                              **augment_options(cfg))
     fixed = preprocessing(data.preprocessing)
     if not data.shards:
         tree = training_tree(data.root, data.dataset)
@@ -135,6 +146,7 @@ def folder_training_data(cfg: Config) -> TrainData:
 def training_data(cfg: Config) -> TrainData:
     """The run's data, checked before any run folder exists."""
     check_data_options(cfg)
+    check_inside_epoch(cfg)
     if cfg.data.dataset in FOLDER_DATASETS:
         return folder_training_data(cfg)
     num_classes = NUM_CLASSES[cfg.data.dataset]
@@ -145,22 +157,64 @@ def training_data(cfg: Config) -> TrainData:
     return TrainData(dataset, len(real.labels), check, label, num_classes)
 
 
+class SeededItems(Dataset):
+    """`dataset`'s items, each transformed under random streams (Python's, NumPy's, torch's)
+    seeded by (`seed`, its index), the caller's streams left as they were: an item gets the same
+    augmentation whichever worker draws it and whenever, so an epoch resumed in its middle sees
+    the batches it would have seen."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        seed = (self.seed * 1_000_003 + i) % 2 ** 62
+        py, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(seed)
+                np.random.seed(seed % 2 ** 32)
+                torch.manual_seed(seed)
+                return self.dataset[i]
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def check_inside_epoch(cfg: Config) -> None:
+    """Checkpoints inside an epoch resume exactly when each item's augmentation does not depend
+    on the worker that drew it: image folders (seeded per item), or in-memory data augmented in
+    the main process."""
+    if cfg.train.checkpoint_steps and cfg.data.dataset not in FOLDER_DATASETS \
+            and cfg.data.num_workers:
+        raise UserError("train.checkpoint_steps: in-memory data sets resume inside an epoch "
+                        "exactly only with data.num_workers=0 (augmentation in the main "
+                        "process); image folders take any number of workers")
+
+
 def epoch_loader(cfg: Config, dataset: Dataset, n_real: int, ranks: distributed.DistInfo,
-                 epoch: int, pin_memory: bool) -> DataLoader:
-    """This rank's batches of `epoch`; together the ranks' batches form the global batches a
-    single process would draw."""
+                 epoch: int, pin_memory: bool, skip: int = 0) -> DataLoader:
+    """This rank's batches of `epoch` from its batch `skip` on; together the ranks' batches form
+    the global batches a single process would draw. Image-folder items are seeded per item; with
+    Mixup/CutMix an incomplete last batch is dropped (as timm's training loader does)."""
     kw = {"num_workers": cfg.data.num_workers, "pin_memory": pin_memory,
           "generator": torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)}
+    if cfg.data.dataset in FOLDER_DATASETS:
+        dataset = SeededItems(dataset, cfg.train.seed * 100_003 + epoch)
     if cfg.data.generated:
         batches = MixedBatchSampler(
             n_real, len(dataset) - n_real, batch_size=cfg.train.batch_size,
             fraction=cfg.data.generated_fraction, epoch_samples=cfg.data.epoch_samples or n_real,
             seed=cfg.train.seed, rank=ranks.rank, world=ranks.world)
         batches.set_epoch(epoch)
-        return DataLoader(dataset, batch_sampler=batches, **kw)
+        return DataLoader(dataset, batch_sampler=list(batches)[skip:], **kw)
     # Rank r takes every world-th image of the single-process permutation.
     sampler = DistributedSampler(dataset, num_replicas=ranks.world, rank=ranks.rank,
                                  shuffle=True, seed=cfg.train.seed)
     sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=cfg.train.batch_size // ranks.world, sampler=sampler,
-                      **kw)
+    local = cfg.train.batch_size // ranks.world
+    mixing = bool(cfg.data.mixup or cfg.data.cutmix)  # Mixup pairs images: full batches only
+    return DataLoader(dataset, batch_size=local, sampler=list(sampler)[skip * local:],
+                      drop_last=mixing, **kw)

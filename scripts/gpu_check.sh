@@ -62,6 +62,11 @@ step bench_aa 220 python3 scripts/bench_aa.py --device cuda --model wrn-34-10 --
     --batch-size 64 --variants plain,channels_last,bf16 --json "$OUT/bench_aa.json"
 step bench_data 120 python3 scripts/bench_data.py --images 512 --workers 16 \
     --json "$OUT/bench_data.json"
+# ImageNet part 2: Singh et al.'s recipe step (ConvNeXt-T-ConvStem, APGD-2, batch 80 per GPU) in
+# bf16 + channels_last + compile, img/s beside the loader's (bench_data: can a 16-core node feed it?)
+step bench_imagenet_step 200 python3 scripts/bench_imagenet_step.py --device cuda \
+    --batch-size 80 --bf16 --channels-last --compile --repeats 5 --warmup 3 \
+    --json "$OUT/bench_imagenet_step.json"
 
 echo "failed steps: ${failed[*]:-none}" | tee "$OUT/summary.txt"
 [ ${#failed[@]} = 0 ]

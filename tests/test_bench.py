@@ -100,3 +100,15 @@ def test_bench_fast_times_each_method_against_pgd_at(tmp_path, monkeypatch):
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {"pgd_at", "gkl", "fgsm_rs", "n_fgsm", "grad_align", "gkl_n_fgsm"}
     assert rows["pgd_at"]["ratio_to_pgd_at"] == 1.0 and "threads" in result["machine"]
+
+
+def test_bench_imagenet_step_times_the_recipe_against_a_clean_step(tmp_path, monkeypatch):
+    import bench_imagenet_step
+
+    monkeypatch.setattr(sys, "argv", [
+        "bench_imagenet_step.py", "--arch", "timm:test_efficientnet", "--batch-size", "4",
+        "--image-size", "32", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json",
+        str(tmp_path / "step.json")])
+    bench_imagenet_step.main()
+    result = json.loads((tmp_path / "step.json").read_text())
+    assert result["ratio"] > 1 and set(result["img_s"]) == {"recipe", "clean"}

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from advgkl.config_methods import RECIPE_STARTS
+
 from advgkl.config import (Config, build_config, config_to_dict, dump_config, load_config,
                            save_config)
 from advgkl.errors import ConfigError
@@ -167,19 +169,22 @@ def test_switching_method_gives_its_published_settings_or_one_line_naming_what_t
     except ConfigError as exc:
         message = str(exc)
         assert "\n" not in message
+        mixing = file_cfg.data.mixup > 0 or file_cfg.data.cutmix > 0
         keys = {"distill.teacher": (method in DISTILLATION) != file_teacher,
                 "awp.gamma": not METHODS[method].awp,
-                "data.two_view": not METHODS[method].two_view}
+                "data.two_view": not METHODS[method].two_view,
+                "data.mixup": mixing and not METHODS[method].soft_targets}
         assert any(key in message and why for key, why in keys.items()), message
         teacher = TEACHER if method in DISTILLATION else ["distill.teacher="]
+        unmix = ["data.mixup=0", "data.cutmix=0", "data.smoothing=0"] if mixing else []
         cfg = load_config(path, [f"loss.method={method}", "awp.gamma=0", "data.two_view=false",
-                                 *teacher])
+                                 *teacher, *unmix])
     if method != file_method:
         assert cfg.loss.settings == METHODS[method].settings()
         if notes:
             assert f"stay with {file_method}" in notes[0]
     assert cfg.attack.objective == METHODS[method].attack_objective(cfg.data.dataset)
-    assert cfg.attack.random_start == METHODS[method].start
+    assert cfg.attack.random_start == RECIPE_STARTS.get(cfg.attack.kind, METHODS[method].start)
     printed = config_to_dict(cfg)["loss"]
     assert set(printed) == {"method", method}   # only the chosen method's values
 
@@ -263,5 +268,6 @@ def test_settings_defaults_are_the_published_values():
                        "ard": ("ce", "uniform_unclamped"), "rslad": ("teacher_kl", "normal"),
                        "adaad": ("adaad", "normal"), "gkl_kd": ("teacher_kl", "normal"),
                        "fgsm_rs": ("ce", "uniform"), "n_fgsm": ("ce", "uniform"),
-                       "grad_align": ("ce", "none")}
+                       "grad_align": ("ce", "none"), "singh_at": ("ce", "none"),
+                       "ares_at": ("ce", "uniform")}
     assert METHODS["gkl"].attack_objective("cifar100") == "gkl"

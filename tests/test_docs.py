@@ -62,6 +62,9 @@ def test_each_command_works_as_written(page, words, comment):
             source = script.read_text()
             for option in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
                 assert f'"{option}"' in source, f"{page}: {script.name} has no {option}"
+        elif words[0] == "sbatch":
+            script = next(w for w in words if w.endswith(".sh"))
+            assert (ROOT / script).is_file(), f"{page}: {script} does not exist"
         else:
             assert words[0] in ("make", "torchrun", "bash"), f"{page}: unknown command {words}"
         return

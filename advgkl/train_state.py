@@ -1,0 +1,72 @@
+"""What a training checkpoint holds and how a run picks up from it: `last.pt` after each epoch,
+and `partial.pt` inside an epoch every train.checkpoint_steps steps (removed once the epoch
+ends), which records where the epoch stands (its next batch, the running sums), so a resume
+continues with the very next batch, bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from advgkl.checkpoint import load_checkpoint, model_checkpoint
+from advgkl.co_guard import COGuard
+from advgkl.config import Config, config_to_dict
+from advgkl.rng import rng_state, set_rng_state
+from advgkl.runlog import RunLog
+from advgkl.step import TrainStep
+from advgkl.teacher import Teacher
+
+PARTIAL = "partial.pt"
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """The architecture's keyword arguments the config sets (saved in checkpoints)."""
+    return {} if cfg.model.normalize or not cfg.model.arch.startswith("timm:") else {
+        "normalize": False}
+
+
+def run_state(cfg: Config, parts: TrainStep, *, teacher: Teacher | None, guard: COGuard | None,
+              epoch: int, step: int, best: float, metrics: dict[str, Any],
+              selection: dict | None, position: dict | None = None) -> dict:
+    """Everything a resume needs after `epoch` finished epochs and `step` optimizer steps (and,
+    inside the next epoch, its `position`)."""
+    return model_checkpoint(
+        parts.model.state_dict(), arch=cfg.model.arch, num_classes=parts.prior.num_classes,
+        arch_kwargs=model_kwargs(cfg), ema=parts.ema.state_dict(),
+        optimizer=parts.optimizer.state_dict(), prior=parts.prior.state_dict(),
+        epoch_avg=parts.epoch_avg.state_dict() if parts.epoch_avg is not None else None,
+        natural=({"arch": cfg.loss.lbgat.natural_arch, "model": parts.natural.state_dict()}
+                 if parts.natural is not None else None),
+        teacher=teacher.identity if teacher is not None else None,
+        epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(), config=config_to_dict(cfg),
+        metrics=metrics, check=selection,
+        co_guard=guard.state_dict() if guard is not None else None, position=position)
+
+
+def latest_state(run_dir: Path) -> dict | None:
+    """The newest state of a run: `partial.pt` when it lies inside the epoch after last.pt's
+    (a kill inside an epoch), else `last.pt`; None before the first checkpoint."""
+    last, partial = run_dir / "last.pt", run_dir / PARTIAL
+    ckpt = load_checkpoint(last, map_location="cpu") if last.is_file() else None
+    if partial.is_file():
+        inside = load_checkpoint(partial, map_location="cpu")
+        if ckpt is None or inside["epoch"] >= ckpt["epoch"]:
+            return inside
+    return ckpt
+
+
+def restore(parts: TrainStep, ckpt: dict, log: RunLog) -> tuple[int, int, float, dict | None]:
+    """Load a saved state into `parts`; returns (the epoch to run, step, best, the position
+    inside that epoch or None)."""
+    parts.model.load_state_dict(ckpt["model"])
+    parts.ema.load_state_dict(ckpt["ema"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.prior.load_state_dict(ckpt["prior"])
+    if parts.epoch_avg is not None:
+        parts.epoch_avg.load_state_dict(ckpt["epoch_avg"])
+    if parts.natural is not None:
+        parts.natural.load_state_dict(ckpt["natural"]["model"])
+    if ckpt["metrics"] and ckpt["epoch"] not in log.logged_epochs():
+        log.append_metrics(ckpt["metrics"])  # killed between last.pt and its row
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best_robust_acc"], ckpt.get("position")
