@@ -220,11 +220,11 @@ def _ares_ramp(epoch: int, epochs: int, eps: float, step_size: float, steps: int
 
 
 SCHEDULES: dict[str, ScheduleFn] = {
-    "ares_ramp": _ares_ramp,
     "constant": _constant,
     "linear_ramp": _linear_ramp,
     "paper_effective": _paper_effective,
     "paper_intended": _paper_intended,
+    "ares_ramp": _ares_ramp,
 }
 """Attack schedules, (epoch, epochs, eps, step_size, steps) -> (eps_t, step_size_t, steps_t).
 

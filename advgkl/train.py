@@ -201,7 +201,8 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
         start_epoch, step, best, position = restore(parts, ckpt, log)
         where = (f"inside epoch {start_epoch} (before its batch {position['batch'] + 1})"
                  if position else f"after epoch {ckpt['epoch']}")
-        log.log(f"resumed {where} on {describe_machine(device)}")
+        log.log(f"resumed from {run_dir / (PARTIAL if position else 'last.pt')} {where} on "
+                f"{describe_machine(device)}")
     else:
         log.log(f"training {cfg.model.arch} on {cfg.data.dataset} with {cfg.loss.method} "
                 f"on {device} into {run_dir}")
