@@ -3,7 +3,7 @@
 A checkpoint is a dict saved with `torch.save` and loaded with `weights_only=True` only, so a file
 from a stranger can never run code. Keys written by advgkl: format_version, arch, arch_kwargs,
 num_classes, model, and (from training) ema, optimizer, scheduler, epoch, step, prior, rng,
-config, metrics.
+config, metrics, ranks (each process's streams under torchrun), position (inside an epoch).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,6 +62,33 @@ def assert_ranks_agree(fingerprint: torch.Tensor, info: DistInfo, what: str) -> 
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
         raise RuntimeError(f"ranks diverged: {what} differ between processes")
+
+
+def all_gather(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj` (what torch.save writes and loads with weights_only: tensors,
+    containers, numbers, strings), in rank order, on every rank."""
+    if info.world == 1:
+        return [obj]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # all_gather_object's own pickling of CPU tensors fails to load
+    out: list[Any] = [None] * info.world
+    dist.all_gather_object(out, buffer.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics), one broadcast per
+    dtype: what DDP does before each forward with gradients, here for the forwards that bypass
+    DDP (the attack), so that rank 0's checkpoint holds every rank's state."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault(buffer.dtype, []).append(buffer)
+    for group in groups.values():
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, 0)
+        for b, part in zip(group, flat.split([b.numel() for b in group])):
+            b.copy_(part.view_as(b))
 
 
 def teardown(info: DistInfo) -> None:

@@ -23,6 +23,7 @@ from advgkl.attacks import PGDAttack
 from advgkl.awp import AWP
 from advgkl.config import Config
 from advgkl.data import random_crop_flip, to_unit_float
+from advgkl.distributed import broadcast_buffers
 from advgkl.ema import EpochAverage, WeightEMA
 from advgkl.losses import cross_entropy
 from advgkl.methods import METHODS
@@ -113,7 +114,7 @@ class TrainStep:
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, device: torch.device, *,
                  world: int = 1, note: Callable[[str], None] = print,
                  natural: nn.Module | None = None, teacher: nn.Module | None = None) -> None:
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.world = cfg, device, world
         self.method = METHODS[cfg.loss.method]
         kernels = kernel_options(cfg, device, note)
         self.memory_format = (torch.channels_last if kernels["channels_last"]
@@ -209,6 +210,8 @@ class TrainStep:
             x = to_unit_float(random_crop_flip(x))
         x = x.contiguous(memory_format=self.memory_format)
         y = y.to(device, non_blocking=True)
+        if self.world > 1:  # the attack bypasses DDP, which would have synced them
+            broadcast_buffers(self.model)
         parts = self.cfg.train.accumulate
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {k: 0.0 for k in (*STATS, "n")}

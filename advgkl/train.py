@@ -47,7 +47,8 @@ from advgkl.single_step import build_single_step
 from advgkl.step import TrainStep
 from advgkl.teacher import Teacher, load_teacher
 from advgkl.train_data import TrainData, epoch_loader, training_data
-from advgkl.train_state import PARTIAL, latest_state, model_kwargs, restore, run_state
+from advgkl.train_state import (PARTIAL, latest_state, model_kwargs, rank_states, restore,
+                                 run_state)
 
 
 RECIPE_ATTACKS = {"apgd": APGDTrain, "ares_pgd": AresPGD}
@@ -198,7 +199,7 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
     dataset, n_real, check, check_label = data.dataset, data.n_real, data.check, data.check_label
     start_epoch, step, best, position = 1, 0, -1.0, None
     if ckpt is not None:
-        start_epoch, step, best, position = restore(parts, ckpt, log)
+        start_epoch, step, best, position = restore(parts, ckpt, log, ranks)
         where = (f"inside epoch {start_epoch} (before its batch {position['batch'] + 1})"
                  if position else f"after epoch {ckpt['epoch']}")
         log.log(f"resumed from {run_dir / (PARTIAL if position else 'last.pt')} {where} on "
@@ -240,11 +241,13 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
         lr_scale = guard.state.lr_scale if guard is not None else 1.0
 
         def save_inside(batch: int, at_step: int, sums: dict, seconds: float) -> None:
+            per_rank = rank_states(ranks, dict(sums))
             if ranks.main:
                 save_checkpoint(run_dir / PARTIAL, run_state(
                     cfg, parts, teacher=teacher, guard=guard, epoch=epoch - 1, step=at_step,
                     best=best, metrics=metrics, selection=None,
-                    position={"batch": batch, "sums": dict(sums), "seconds": seconds}))
+                    position={"batch": batch, "sums": dict(sums), "seconds": seconds},
+                    per_rank=per_rank))
 
         sums, lr, seconds, step = _train_epoch(
             cfg, parts, loader, attack, epoch, step, lr_scale, run_dir, log, echo and ranks.main,
@@ -258,7 +261,7 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
         distributed.assert_ranks_agree(
             torch.stack([p.detach().double().sum() for p in parts.model.parameters()]
                         + [parts.prior.prior.double().sum()]), ranks, "weights or class prior")
-        action = ""
+        action, per_rank = "", rank_states(ranks)
         if ranks.main:  # rank 0 evaluates, logs and saves
             loss_sum, ce_sum, robust_sum, correct, seen = totals
             metrics = {"epoch": epoch, "lr": lr, "loss": loss_sum / seen, "ce": ce_sum / seen,
@@ -267,7 +270,7 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
                        "attack_steps": attack.steps, "images_per_s": seen / seconds,
                        "seconds": seconds}
             best, action = _end_epoch(cfg, run_dir, parts, check, check_label, epoch, step, best,
-                                      metrics, log, teacher, guard)
+                                      metrics, log, teacher, guard, per_rank)
             (run_dir / PARTIAL).unlink(missing_ok=True)  # last.pt now holds the newer state
         action = _ACTIONS[int(distributed.all_reduce_sum([_ACTIONS.index(action)], ranks,
                                                          device)[0])]
@@ -276,7 +279,7 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
         if action == "rollback":  # every rank restores the state rank 0 rewrote into last.pt
             distributed.barrier(ranks)
             restored = load_checkpoint(run_dir / "last.pt", map_location="cpu")
-            epoch, step, best, _ = restore(parts, restored, log)
+            epoch, step, best, _ = restore(parts, restored, log, ranks)
             guard.load_state_dict(restored["co_guard"])
             continue
         epoch += 1
@@ -363,8 +366,8 @@ def _check_weights(cfg: Config, parts: TrainStep) -> tuple[torch.nn.Module, str]
 
 def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None,
                check_label: str, epoch: int, step: int, best: float, metrics: dict[str, Any],
-               log: RunLog, teacher: Teacher | None,
-               guard: COGuard | None) -> tuple[float, str]:
+               log: RunLog, teacher: Teacher | None, guard: COGuard | None,
+               per_rank: list[dict] | None) -> tuple[float, str]:
     """The checks, the files and the logs of a finished epoch (rank 0); returns the best robust
     accuracy so far and the CO guard's action. Side files first, last.pt last: a kill in between
     redoes the epoch. An epoch the guard stops or rolls back writes no weights: last.pt keeps the
@@ -390,7 +393,7 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
     arch, num_classes, config = cfg.model.arch, parts.prior.num_classes, config_to_dict(cfg)
     kwargs = model_kwargs(cfg)
     ckpt = run_state(cfg, parts, teacher=teacher, guard=guard, epoch=epoch, step=step, best=best,
-                     metrics=metrics, selection=selection)
+                     metrics=metrics, selection=selection, per_rank=per_rank)
     if action in ("stop", "rollback"):  # the guard's state first: a kill after it resumes it
         for name in ("last.pt", "best.pt", "avg.pt") if action == "stop" else ("last.pt",):
             if (run_dir / name).exists():

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from advgkl import distributed
 from advgkl.checkpoint import load_checkpoint, model_checkpoint
 from advgkl.co_guard import COGuard
 from advgkl.config import Config, config_to_dict
@@ -25,11 +26,23 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
         "normalize": False}
 
 
+def rank_states(ranks: distributed.DistInfo, sums: dict | None = None) -> list[dict] | None:
+    """What differs between processes, gathered from every rank (None for one process): each
+    one's random streams and, inside an epoch, its running sums. Every rank calls it."""
+    if ranks.world == 1:
+        return None
+    return distributed.all_gather({"rng": rng_state(), "sums": sums}, ranks)
+
+
 def run_state(cfg: Config, parts: TrainStep, *, teacher: Teacher | None, guard: COGuard | None,
               epoch: int, step: int, best: float, metrics: dict[str, Any],
-              selection: dict | None, position: dict | None = None) -> dict:
+              selection: dict | None, position: dict | None = None,
+              per_rank: list[dict] | None = None) -> dict:
     """Everything a resume needs after `epoch` finished epochs and `step` optimizer steps (and,
-    inside the next epoch, its `position`)."""
+    inside the next epoch, its `position`); `per_rank` from rank_states (rank 0's streams are
+    taken again now: its epoch-end checks draw from them)."""
+    if per_rank is not None:
+        per_rank = [{**per_rank[0], "rng": rng_state()}, *per_rank[1:]]
     return model_checkpoint(
         parts.model.state_dict(), arch=cfg.model.arch, num_classes=parts.prior.num_classes,
         arch_kwargs=model_kwargs(cfg), ema=parts.ema.state_dict(),
@@ -40,7 +53,8 @@ def run_state(cfg: Config, parts: TrainStep, *, teacher: Teacher | None, guard: 
         teacher=teacher.identity if teacher is not None else None,
         epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(), config=config_to_dict(cfg),
         metrics=metrics, check=selection,
-        co_guard=guard.state_dict() if guard is not None else None, position=position)
+        co_guard=guard.state_dict() if guard is not None else None, position=position,
+        ranks=per_rank)
 
 
 def latest_state(run_dir: Path) -> dict | None:
@@ -55,9 +69,11 @@ def latest_state(run_dir: Path) -> dict | None:
     return ckpt
 
 
-def restore(parts: TrainStep, ckpt: dict, log: RunLog) -> tuple[int, int, float, dict | None]:
-    """Load a saved state into `parts`; returns (the epoch to run, step, best, the position
-    inside that epoch or None)."""
+def restore(parts: TrainStep, ckpt: dict, log: RunLog,
+            ranks: distributed.DistInfo) -> tuple[int, int, float, dict | None]:
+    """Load a saved state into `parts` (this rank's streams and sums when the checkpoint has as
+    many processes as this run); returns (the epoch to run, step, best, the position inside
+    that epoch or None)."""
     parts.model.load_state_dict(ckpt["model"])
     parts.ema.load_state_dict(ckpt["ema"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
@@ -68,5 +84,15 @@ def restore(parts: TrainStep, ckpt: dict, log: RunLog) -> tuple[int, int, float,
         parts.natural.load_state_dict(ckpt["natural"]["model"])
     if ckpt["metrics"] and ckpt["epoch"] not in log.logged_epochs():
         log.append_metrics(ckpt["metrics"])  # killed between last.pt and its row
-    set_rng_state(ckpt["rng"])
-    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best_robust_acc"], ckpt.get("position")
+    saved = ckpt.get("ranks") or [{"rng": ckpt["rng"]}]
+    mine = saved[ranks.rank] if len(saved) == ranks.world else saved[0]
+    if len(saved) != ranks.world:
+        log.log(f"note: the checkpoint was written by {len(saved)} process(es), this run has "
+                f"{ranks.world}: every rank continues rank 0's random streams (and, inside an "
+                "epoch, its running sums), so the run is no longer bit-identical to one that "
+                "was never stopped")
+    set_rng_state(mine["rng"])
+    position = ckpt.get("position")
+    if position is not None and mine.get("sums") is not None:
+        position = {**position, "sums": mine["sums"]}
+    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best_robust_acc"], position

@@ -1,7 +1,11 @@
 """Small tools several test files share."""
 
+import contextlib
+import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -41,3 +45,32 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
         time.sleep(0.02)
     proc.kill()
     proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:   # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it at once, as a node's crash would: the tree is
+    frozen (SIGSTOP) first so that nothing in it starts or writes anything more. torchrun gives
+    its workers sessions of their own, out of killpg's reach."""
+    frozen, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGSTOP)
+            frozen.add(p)
+            todo += [c for c in _children(p) if c not in frozen]
+    for p in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)

@@ -1,7 +1,6 @@
 """DDP training with 2 gloo processes on the CPU (torchrun), against a single process."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ import pytest
 import torch
 
 from advgkl.checkpoint import load_checkpoint
+
+from helpers import kill_tree
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
 # A deterministic attack (CE, no random start), AWP and the class prior on, a global batch of 64.
@@ -69,12 +70,16 @@ def test_resume_under_ddp_with_generated_data_augmented_on_the_device(tmp_path):
     np.savez(tmp_path / "g.npz", image=rng.integers(0, 256, (500, 16, 16, 3), dtype=np.uint8),
              label=rng.integers(0, 10, 500))
     generated = [f"data.generated={tmp_path / 'g.npz'}", "data.generated_fraction=0.5",
-                 "data.epoch_samples=640", "data.augment=basic", "data.device_augment=true"]
+                 "data.epoch_samples=640", "data.augment=basic", "data.device_augment=true",
+                 "attack.random_start=uniform"]  # each rank's crops and starts: its own draws
+    whole = subprocess.run(train_cmd(tmp_path, "whole", *generated), capture_output=True,
+                           text=True, env=ENV)
+    assert whole.returncode == 0, whole.stderr[-3000:]
     proc = subprocess.Popen(train_cmd(tmp_path, "run", *generated), stdout=subprocess.PIPE,
-                            text=True, env=ENV, start_new_session=True)
+                            text=True, env=ENV)
     for line in proc.stdout:
         if " epoch 1: " in line:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+            kill_tree(proc.pid)  # the launcher and both workers (in sessions of their own)
             break
     proc.wait()
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
@@ -85,6 +90,9 @@ def test_resume_under_ddp_with_generated_data_augmented_on_the_device(tmp_path):
     assert last["epoch"] == 2 and last["step"] == 20      # 2 epochs of 640 samples, batch 64
     epochs = [r.split(",")[0] for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
     assert epochs[1:] == ["1", "2"]
+    uninterrupted = load_checkpoint(tmp_path / "whole" / "last.pt")
+    assert all(torch.equal(v, uninterrupted["model"][k]) for k, v in last["model"].items())
+    assert last["metrics"]["loss"] == uninterrupted["metrics"]["loss"]
 
 
 def test_global_batch_must_split_evenly(tmp_path):
@@ -121,3 +129,25 @@ def test_distillation_under_ddp_matches_one_process(tmp_path):
     # (up to float32 rounding of the teacher's forward on batches of another size).
     torch.testing.assert_close(ddp["prior"]["prior"], single["prior"]["prior"], rtol=1e-4,
                                atol=1e-6)
+
+
+def test_a_checkpoint_from_another_process_count_resumes_with_a_note(tmp_path):
+    """Rank 1 of 2 resuming a one-process run takes rank 0's streams, and train.log says that
+    the run is no longer bit-identical."""
+    from advgkl.config import load_config
+    from advgkl.distributed import DistInfo
+    from advgkl.runlog import RunLog
+    from advgkl.step import TrainStep
+    from advgkl.train import build_model, train
+    from advgkl.train_state import restore
+
+    cfg = load_config(DEMO, ["train.epochs=1", "eval.val_size=64", "train.device=cpu"])
+    train(cfg, tmp_path / "run", echo=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["ranks"] is None   # one process: its streams are ckpt["rng"]
+    parts = TrainStep(cfg, build_model(cfg.model.arch, 10), 10, torch.device("cpu"))
+    torch.manual_seed(123)
+    restore(parts, ckpt, RunLog(tmp_path / "run", echo=False), DistInfo(rank=1, world=2))
+    assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
+    assert ("note: the checkpoint was written by 1 process(es), this run has 2: every rank "
+            "continues rank 0's random streams") in (tmp_path / "run" / "train.log").read_text()

@@ -5,7 +5,6 @@ uninterrupted run, in one process and with two torchrun agents acting as two nod
 rendezvous, gloo); bad input stops in one line, exit 2, nothing written."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch
 from advgkl.checkpoint import load_checkpoint
 from advgkl.cli import main
 
-from helpers import kill_when
+from helpers import kill_tree, kill_when
 from trees import one_line_error
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "imagenet").glob("*.yaml"))
@@ -63,16 +62,19 @@ def _assert_same_state(a, b):
 
 
 # Singh et al.'s recipe with everything that draws random numbers: RandAugment, RandomErasing,
-# Mixup/CutMix, loader workers; checkpoints after every step.
-KILLED = ["train.epochs=2", "train.checkpoint_steps=1", "data.num_workers=2"]
+# Mixup/CutMix, loader workers; checkpoints after every step. The kill lands anywhere in epoch 2
+# (5 steps each): a third epoch leaves the killer time to act on a loaded machine.
+KILLED = ["train.epochs=3", "train.checkpoint_steps=1", "data.num_workers=2"]
 
 
 def _inside_second_epoch(run: Path) -> bool:
     partial = run / "partial.pt"
-    if not partial.exists():
-        return False
-    state = load_checkpoint(partial)   # the first checkpoint of epoch 2: 4 steps remain
-    return state["epoch"] == 1 and state["position"]["batch"] == 1
+    return partial.exists() and load_checkpoint(partial)["epoch"] == 1
+
+
+def _assert_resumed_inside_epoch_2(run: Path, position: dict) -> None:
+    assert (f"resumed from {run / 'partial.pt'} inside epoch 2 (before its batch "
+            f"{position['batch'] + 1})") in (run / "train.log").read_text()
 
 
 @pytest.mark.slow
@@ -84,10 +86,10 @@ def test_a_kill_inside_an_epoch_resumes_bit_identically(tree, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "advgkl", *args, "run.name=killed"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when(proc, lambda: _inside_second_epoch(run), timeout=300)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1   # the kill landed inside epoch 2
     position = load_checkpoint(run / "partial.pt")["position"]
     assert main(["train", "--resume", str(run)]) == 0
-    assert f"resumed inside epoch 2 (before its batch {position['batch'] + 1})" in (
-        run / "train.log").read_text()
+    _assert_resumed_inside_epoch_2(run, position)
     _assert_same_state(load_checkpoint(run / "last.pt"), load_checkpoint(tmp_path / "whole" /
                                                                          "last.pt"))
     assert not (run / "partial.pt").exists()
@@ -105,8 +107,8 @@ def _two_nodes(args: list[str], job: str) -> list[subprocess.Popen]:
     return [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", f"--rdzv-id={job}",
-         "-m", "advgkl", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
-        start_new_session=True) for _ in range(2)]
+         "-m", "advgkl", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+        for _ in range(2)]
 
 
 def _wait(procs: list[subprocess.Popen]) -> None:
@@ -126,15 +128,17 @@ def test_two_local_nodes_train_and_resume_inside_an_epoch_bit_identically(tree, 
     while not _inside_second_epoch(run):
         assert time.monotonic() < deadline and all(a.poll() is None for a in agents)
         time.sleep(0.02)
-    for agent in agents:   # both agents and their workers, at once
-        os.killpg(agent.pid, signal.SIGKILL)
+    for agent in agents:   # both "nodes": each agent, its worker and the worker's loaders
+        kill_tree(agent.pid)
     for agent in agents:
         agent.wait()
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1   # the kill landed inside epoch 2
+    position = load_checkpoint(run / "partial.pt")["position"]
     _wait(_two_nodes(["train", "--resume", str(run)], "resume"))
-    assert "resumed inside epoch 2" in (run / "train.log").read_text()
+    _assert_resumed_inside_epoch_2(run, position)
     whole = load_checkpoint(tmp_path / "whole" / "last.pt")
     _assert_same_state(load_checkpoint(run / "last.pt"), whole)
-    assert whole["step"] == 10   # 40 images: 5 global batches of 8 (4 per node) per epoch
+    assert whole["step"] == 15   # 40 images: 5 global batches of 8 (4 per node) per epoch
 
 
 @pytest.mark.parametrize("override,message", [

@@ -107,14 +107,14 @@ def test_every_shipped_config_trains_on_a_tiny_model(path, tmp_path, monkeypatch
     cfg = load_config(path)
     overrides = tiny_overrides(cfg)
     if cfg.data.dataset in FOLDER_DATASETS:   # a generated ImageNet tree, a tiny timm model
-        imagenet_tree(tmp_path / "tree", n_val=8, per_class=2)
+        imagenet_tree(tmp_path / "tree", n_val=8, per_class=3)  # 8 classes: 24 images
         init = tmp_path / "init.pt"
         save_checkpoint(init, model_checkpoint(
             create_model("timm:test_efficientnet", 1000).state_dict(),
             arch="timm:test_efficientnet", num_classes=1000))
         overrides += [f"data.root={tmp_path / 'tree'}", "data.image_size=32",
                       "data.preprocessing=Res36Crop32", "model.arch=timm:test_efficientnet",
-                      f"model.init={init}"]
+                      f"model.init={init}", "eval.val_size=8"]  # 16 left to train on
     if cfg.distill.teacher:
         teacher = tiny_teacher(tmp_path / "teacher.pt", NUM_CLASSES[cfg.data.dataset])
         overrides.append(f"distill.teacher={teacher}")
