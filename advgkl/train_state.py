@@ -41,8 +41,9 @@ def run_state(cfg: Config, parts: TrainStep, *, teacher: Teacher | None, guard: 
     """Everything a resume needs after `epoch` finished epochs and `step` optimizer steps (and,
     inside the next epoch, its `position`); `per_rank` from rank_states (rank 0's streams are
     taken again now: its epoch-end checks draw from them)."""
+    rng = rng_state()
     if per_rank is not None:
-        per_rank = [{**per_rank[0], "rng": rng_state()}, *per_rank[1:]]
+        per_rank = [{**per_rank[0], "rng": rng}, *per_rank[1:]]
     return model_checkpoint(
         parts.model.state_dict(), arch=cfg.model.arch, num_classes=parts.prior.num_classes,
         arch_kwargs=model_kwargs(cfg), ema=parts.ema.state_dict(),
@@ -51,7 +52,7 @@ def run_state(cfg: Config, parts: TrainStep, *, teacher: Teacher | None, guard: 
         natural=({"arch": cfg.loss.lbgat.natural_arch, "model": parts.natural.state_dict()}
                  if parts.natural is not None else None),
         teacher=teacher.identity if teacher is not None else None,
-        epoch=epoch, step=step, best_robust_acc=best, rng=rng_state(), config=config_to_dict(cfg),
+        epoch=epoch, step=step, best_robust_acc=best, rng=rng, config=config_to_dict(cfg),
         metrics=metrics, check=selection,
         co_guard=guard.state_dict() if guard is not None else None, position=position,
         ranks=per_rank)

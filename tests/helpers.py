@@ -36,15 +36,6 @@ def assert_states_close(ours, theirs, what, bound=1e-12):
         assert err <= bound, f"{what} {key}: relative difference {err:.3g}"
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
-    """SIGKILL `proc` as soon as `ready()` holds (polled), or fail."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, "the process ended before the moment to kill it"
-        assert time.monotonic() < deadline, "the moment to kill never came"
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
 
 
 def _children(pid: int) -> list[int]:
@@ -74,3 +65,19 @@ def kill_tree(pid: int) -> None:
     for p in frozen:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+
+
+def kill_when(procs: subprocess.Popen | list[subprocess.Popen], ready,
+              timeout: float = 120) -> None:
+    """As soon as `ready()` holds (polled), SIGKILL each of `procs` (one or several: torchrun
+    agents as nodes) with every process below it (kill_tree), or fail."""
+    procs = procs if isinstance(procs, list) else [procs]
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert all(p.poll() is None for p in procs), "a process ended before the moment to kill it"
+        assert time.monotonic() < deadline, "the moment to kill never came"
+        time.sleep(0.02)
+    for proc in procs:
+        kill_tree(proc.pid)
+    for proc in procs:
+        proc.wait()

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from advgkl.checkpoint import load_checkpoint
 from advgkl.cli import main
 
-from helpers import kill_tree, kill_when
+from helpers import kill_when
 from trees import one_line_error
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "imagenet").glob("*.yaml"))
@@ -124,14 +123,8 @@ def test_two_local_nodes_train_and_resume_inside_an_epoch_bit_identically(tree, 
     _wait(_two_nodes([*args, "run.name=whole"], "whole"))
     run = tmp_path / "killed"
     agents = _two_nodes([*args, "run.name=killed"], "killed")
-    deadline = time.monotonic() + 300
-    while not _inside_second_epoch(run):
-        assert time.monotonic() < deadline and all(a.poll() is None for a in agents)
-        time.sleep(0.02)
-    for agent in agents:   # both "nodes": each agent, its worker and the worker's loaders
-        kill_tree(agent.pid)
-    for agent in agents:
-        agent.wait()
+    # Both "nodes" at once: each agent, its worker and the worker's loaders.
+    kill_when(agents, lambda: _inside_second_epoch(run), timeout=300)
     assert load_checkpoint(run / "last.pt")["epoch"] == 1   # the kill landed inside epoch 2
     position = load_checkpoint(run / "partial.pt")["position"]
     _wait(_two_nodes(["train", "--resume", str(run)], "resume"))
