@@ -2,15 +2,20 @@
 APGD-2 and ARES' PGD-3 against float64 transcriptions of their code from the same input, both
 recipes' per-iteration schedules at every iteration (ARES': timm's own scheduler), the EMA
 against timm's ModelEmaV2, the decay groups against timm's, Mixup/CutMix's soft targets in every
-method that takes them and in the attack, and gradient accumulation against one big batch.
+method that takes them and in the attack, gradient accumulation against one big batch, and
+three whole epochs of each shipped recipe (Singh et al., ARES) through the trainer's epoch loop
+against their training loops (model modes, BatchNorm statistics, lr per iteration, EMA).
 
 Transcribed from: Singh, Croce & Hein, nmndeep/revisiting-at d7166c0 autopgd_train_clean.py
-(apgd_train, Linf) and main.py (get_cosine_lr, the per-iteration np.interp); ARES 2.0,
+(apgd_train, Linf) and main.py (get_cosine_lr, the per-iteration np.interp, train_loop,
+WrappedModel.forward, create_optimizer's decay groups); ARES 2.0,
 thu-ml/ares 306e35f ares/utils/adv.py (adv_generator with SoftTargetCrossEntropy, mean 0 and
-std 1, where its un-normalised final forward equals the normalised one).
+std 1, where its un-normalised final forward equals the normalised one) and
+robust_training/adversarial_training.py (train_one_epoch, timm's optimizer and scheduler).
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,15 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advgkl.config import build_config
+from advgkl.config import build_config, load_config
 from advgkl.ema import WeightEMA
 from advgkl.losses import cross_entropy
 from advgkl.methods import METHODS
 from advgkl.objectives import Logits, build_objective
 from advgkl.priors import ClassPrior
 from advgkl.recipe_attacks import APGDTrain, AresPGD
+from advgkl.runlog import RunLog
 from advgkl.schedules import learning_rate
 from advgkl.step import TrainStep, build_optimizer
+from advgkl.train import _train_epoch, build_attack
+
+from helpers import assert_states_close
 
 EPS = 4 / 255
 SOFT_METHODS = [m for m, spec in METHODS.items() if spec.soft_targets]
@@ -324,3 +333,148 @@ def test_mixup_and_cutmix_reach_the_step_and_accumulation_equals_one_big_batch(f
                                 random_start="none"), epoch=1, lr=1e-3)
     assert seen[0].shape == (8, 10) and torch.allclose(seen[0].sum(1), torch.ones(8).double())
     assert (seen[0] > 0.5).sum() < 8 or seen[0].max() < 0.91  # mixed or at least smoothed
+
+
+def singh_train_loop(model, ema, optimizer, mixup_fn, batches, lrs, eps):
+    """main.py's train_loop for one epoch (float64, no AMP) with WrappedModel's forward: Mixup,
+    the lr of the iteration, the attack in eval mode, the train-mode forward of its point,
+    SoftTargetCrossEntropy, AdamW, ModelEmaV2 after the step."""
+    model.train()
+    for ix, (images, target) in enumerate(batches):
+        images, target = mixup_fn(images, target)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lrs[ix]
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        z = singh_apgd_train(model, images, target, eps, 2)
+        model.train()
+        output = model(z)
+        loss = torch.sum(-target * F.log_softmax(output, dim=-1), dim=-1).mean()
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+
+
+def _bn_net():
+    """A small float64 network with BatchNorm: the model's modes matter."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.GELU(),
+                         nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).double()
+
+
+def _their_mixup(d):
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
+                 switch_prob=d.mixup_switch_prob, mode="batch", label_smoothing=d.smoothing,
+                 num_classes=5)
+
+
+def _our_epochs(cfg, batches, tmp_path):
+    """The trainer's epoch loop over `batches` for cfg.train.epochs epochs, from numpy seed 0
+    (timm's Mixup draws from it) and torch seed 0; (the TrainStep, the global step)."""
+    parts = TrainStep(cfg, _bn_net(), 5, torch.device("cpu"))
+    log = RunLog(tmp_path, echo=False)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    step = 0
+    for epoch in range(1, cfg.train.epochs + 1):  # timm's Mixup mixes in place: copies
+        _, _, _, step = _train_epoch(cfg, parts, [(x.clone(), y) for x, y in batches],
+                                     build_attack(cfg, epoch), epoch, step, 1.0, tmp_path, log,
+                                     False)
+    return parts, step
+
+
+def _assert_same_training(parts, model, ema, steps):
+    assert_states_close(parts.model.state_dict(), model.state_dict(), "model", bound=1e-10)
+    assert_states_close(parts.ema.module.state_dict(), ema.module.state_dict(), "EMA",
+                        bound=1e-10)
+    ours = parts.model.state_dict()
+    assert not torch.equal(ours["1.running_mean"], torch.zeros(4))
+    assert ours["1.num_batches_tracked"] == model.state_dict()["1.num_batches_tracked"] == steps
+
+
+def _shipped(name, *overrides):
+    path = Path(__file__).parent.parent / "configs" / "imagenet" / f"{name}.yaml"
+    return load_config(path, ["train.epochs=3", "train.batch_size=6", "train.device=cpu",
+                              "train.ema_tau=0.5", *overrides])  # an EMA that moves
+
+
+BATCHES = [_batch(seed=20 + k, n=6, classes=5) for k in range(2)]  # every class present
+
+
+def test_singh_recipe_epochs_equal_their_train_loop(tmp_path, float64):
+    """Three epochs of the shipped Singh et al. config through the trainer's epoch loop equal
+    their train_loop: every iteration's lr, Mixup/CutMix, the model's modes (BatchNorm's running
+    statistics move only in the training forward), the decay groups, AdamW, the EMA."""
+    from timm.utils import ModelEmaV2
+
+    cfg = _shipped("singh_at_convnext_t_convstem", "train.lr_warmup_epochs=1")
+    t = cfg.train
+    theirs = _bn_net()
+    no_decay = [p for n, p in theirs.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
+    decay = [p for n, p in theirs.named_parameters() if not (p.ndim <= 1 or n.endswith(".bias"))]
+    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.},
+                                   {"params": decay, "weight_decay": t.weight_decay}],
+                                  betas=(0.9, 0.95))
+    ema, mixup = ModelEmaV2(theirs, decay=t.ema_tau), _their_mixup(cfg.data)
+    np.random.seed(0)
+    for epoch in range(t.epochs):
+        singh_train_loop(theirs, ema, optimizer, mixup, [(x.clone(), y) for x, y in BATCHES],
+                         singh_lrs(epoch, len(BATCHES), t.lr, t.epochs, t.lr_warmup_epochs), EPS)
+    parts, step = _our_epochs(cfg, BATCHES, tmp_path)
+    assert step == 6
+    _assert_same_training(parts, theirs, ema, 6)
+
+
+def ares_train_one_epoch(epoch, model, batches, optimizer, scheduler, ema, mixup_fn, eps, steps,
+                         attack_step):
+    """adversarial_training.py's train_one_epoch (advtrain, no AMP, no clipping): Mixup, the
+    ramped step, adv_generator (eval mode inside, train mode restored), the training forward,
+    SoftTargetCrossEntropy, zero_grad after the forward, AdamW, ModelEmaV2, the scheduler's
+    step_update after every update."""
+    model.train()
+    num_updates = epoch * len(batches)
+    att_step = attack_step * min(epoch, 5) / 5
+    for images, target in batches:
+        images, target = mixup_fn(images, target)
+        model.eval()
+        adv = ares_adv_generator(model, images, target, eps, steps, att_step)
+        model.train()
+        output = model(adv)
+        loss = torch.sum(-target * F.log_softmax(output, dim=-1), dim=-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+        num_updates += 1
+        scheduler.step_update(num_updates=num_updates)
+
+
+def test_ares_recipe_epochs_equal_their_train_one_epoch(tmp_path, float64):
+    """Three epochs of the shipped ARES ConvNeXt-B config (the attack step ramps from 0) through
+    the trainer's epoch loop equal their train_one_epoch with timm's own optimizer, scheduler
+    (per update, warm-up then cosine) and ModelEmaV2."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV2
+
+    cfg = _shipped("ares_at_convnext_b", "train.lr_warmup_epochs=1")
+    t, a = cfg.train, cfg.attack
+    theirs = _bn_net()
+    lr = t.lr * t.batch_size / t.lr_base_batch  # args.lr = lrb * batch_size * world / 512
+    optimizer = create_optimizer_v2(theirs, opt="adamw", lr=lr, weight_decay=t.weight_decay,
+                                    eps=t.adam_eps)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=t.epochs, warmup_epochs=t.lr_warmup_epochs,
+        warmup_lr=t.lr_warmup_start, min_lr=t.lr_min, step_on_epochs=False,
+        updates_per_epoch=len(BATCHES))
+    ema, mixup = ModelEmaV2(theirs, decay=t.ema_tau), _their_mixup(cfg.data)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    for epoch in range(t.epochs):
+        ares_train_one_epoch(epoch, theirs, [(x.clone(), y) for x, y in BATCHES], optimizer,
+                             scheduler, ema, mixup, a.eps, a.steps, a.step_size)
+    parts, step = _our_epochs(cfg, BATCHES, tmp_path)
+    assert step == 6
+    _assert_same_training(parts, theirs, ema, 6)
