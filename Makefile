@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test clean
+.PHONY: install demo test check clean
 
 install: $(STAMP)
 
@@ -24,8 +24,15 @@ demo: $(STAMP)
 		--batch-size 360 --out results
 	@echo "demo: checkpoints/$(DEMO_RUN)/ (metrics.csv, curves.png, last.pt) and results/digits/Linf/$(DEMO_RUN).json"
 
+# The whole suite, split over the cores by pytest-xdist, one test file per worker at a time so
+# that a file's trained fixtures are built once (JOBS=1: one process).
+JOBS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadscope
+
+# The fast tier for the edit loop: everything but the end-to-end tests marked slow.
+check: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadscope -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

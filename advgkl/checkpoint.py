@@ -1,13 +1,16 @@
-"""Safe, atomic, self-describing checkpoints, and import of foreign state dicts.
+"""Safe, atomic, self-describing checkpoints, the weights they hold, foreign state dicts cleaned,
+and the sha256 that identifies a file.
 
 A checkpoint is a dict saved with `torch.save` and loaded with `weights_only=True` only, so a file
 from a stranger can never run code. Keys written by advgkl: format_version, arch, arch_kwargs,
 num_classes, model, and (from training) ema, optimizer, scheduler, epoch, step, prior, rng,
-config, metrics, ranks (each process's streams under torchrun), position (inside an epoch).
+config, metrics, ranks (each process's streams under torchrun), position (inside an epoch),
+log_line (the epoch's train.log line). Building a model from one: `advgkl.models.loading`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -20,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from advgkl.errors import UserError, first_line
-from advgkl.models import create_model
 
 FORMAT_VERSION = 1
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
@@ -138,21 +140,6 @@ def checkpoint_weights(ckpt: Mapping[str, Any], weights: str = "model") -> Mappi
     return ckpt[key]["model"]
 
 
-def model_from_checkpoint(ckpt: Mapping[str, Any], *, what: str = "checkpoint",
-                          weights: str = "model") -> nn.Module:
-    """Build the checkpoint's architecture and load its `weights` ("model", "ema" or "avg")."""
-    for key in ("arch", "num_classes", "model"):
-        if key not in ckpt:
-            raise CheckpointError(f"{what}: not an advgkl checkpoint (no {key!r} entry); "
-                                  "import foreign weights with `advgkl import-checkpoint`")
-    try:
-        model = create_model(ckpt["arch"], ckpt["num_classes"], **ckpt.get("arch_kwargs", {}))
-    except ValueError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    load_weights(model, checkpoint_weights(ckpt, weights), what=what)
-    return model
-
-
 def clean_foreign_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
     """A plain state dict from a foreign file: unwrap {"state_dict": ...} and the like, strip
     `module.0.` / `module.` prefixes (DataParallel), drop RobustBench's unused `sub_block1` keys."""
@@ -173,11 +160,10 @@ def clean_foreign_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
     return cleaned
 
 
-def import_checkpoint(src: str | os.PathLike, *, arch: str, num_classes: int,
-                      arch_kwargs: Mapping[str, Any] | None = None) -> dict:
-    """Turn a foreign weights file into an advgkl checkpoint, verified by loading it."""
-    state = clean_foreign_state_dict(load_checkpoint(src))
-    ckpt = model_checkpoint(state, arch=arch, num_classes=num_classes, arch_kwargs=arch_kwargs,
-                            source=str(src))
-    model_from_checkpoint(ckpt, what=str(src))
-    return ckpt
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex): what records and runs identify checkpoints and weights by."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

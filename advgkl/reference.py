@@ -1,7 +1,7 @@
 """Direct, slow implementations of the definitions, for tests and benchmarks only.
 
 They follow the formulas literally (and the paper code's style), so the fast versions in
-`advgkl.losses` can be checked and timed against them.
+`advgkl.losses.functional` can be checked and timed against them.
 """
 
 from __future__ import annotations

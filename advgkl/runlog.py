@@ -76,10 +76,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 class RunLog:
+    PLOT_EVERY = 10.0  # seconds: curves.png is redrawn after an epoch at most this often
+
     def __init__(self, run_dir: Path, *, echo: bool = True, write: bool = True,
                  trackers: list[str] = (), config: dict | None = None,
                  project: str = "advgkl") -> None:
         self.run_dir, self.echo, self.write = run_dir, echo, write  # write: False off rank 0
+        self.plotted: float | None = None   # when curves.png was last drawn (monotonic)
         self.metrics_path = run_dir / "metrics.csv"
         self.trackers = ([_TRACKERS[name](run_dir, config or {}, project) for name in trackers]
                          if write else [])
@@ -103,6 +106,12 @@ class RunLog:
             with open(self.run_dir / "train.log", "a") as f:
                 f.write(line + "\n")
 
+    def has_line(self, message: str) -> bool:
+        """train.log holds a line with this message."""
+        path = self.run_dir / "train.log"
+        return path.exists() and any(line.split(" ", 2)[-1] == message
+                                     for line in path.read_text().splitlines())
+
     def logged_epochs(self) -> list[int]:
         return [int(row["epoch"]) for row in read_metrics(self.run_dir)]
 
@@ -120,8 +129,14 @@ class RunLog:
                 writer.writeheader()
             writer.writerow({k: row.get(k, "") for k in fields})
 
-    def plot(self) -> None:
-        """Accuracies and losses per epoch, from metrics.csv, into curves.png."""
+    def plot(self, *, final: bool = False) -> None:
+        """Accuracies and losses per epoch, from metrics.csv, into curves.png: always for the
+        run's `final` epoch, else when PLOT_EVERY seconds have passed since the last drawing (a
+        drawing costs about half a second: most of a small model's epoch)."""
+        now = time.monotonic()
+        if not final and self.plotted is not None and now - self.plotted < self.PLOT_EVERY:
+            return
+        self.plotted = now
         import matplotlib
 
         matplotlib.use("Agg")

@@ -1,6 +1,6 @@
 """Project standard AutoAttack's wall-clock for 10,000 points from per-point attack costs.
 
-Each of the four standard attacks (pyautoattack's, through `advgkl.evaluate.evaluate_autoattack`)
+Each of the four standard attacks (pyautoattack's, through `advgkl.evaluation.autoattack.evaluate_autoattack`)
 is timed on the same N points of a model with random weights, with the model's own predictions as
 labels and a tiny eps: no point can be broken, so every attack spends its full budget on every
 point (APGD-CE's iterations, APGD-T's and FAB-T's 9 target classes, Square's 5,000 queries) —
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from advgkl.eval_speed import speed_up
-from advgkl.evaluate import VERSIONS, evaluate_autoattack
+from advgkl.evaluation.autoattack import VERSIONS, evaluate_autoattack
+from advgkl.evaluation.speed import speed_up
 from advgkl.models import create_model
 
 VARIANTS = {"plain": {}, "channels_last": {"channels_last": True},

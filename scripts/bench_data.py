@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from advgkl.folders import (FolderDataset, preprocessing, train_transform,  # noqa: E402
-                            training_tree)
-from advgkl.shards import ShardDataset, read_index, write_shards  # noqa: E402
+from advgkl.data.folders import (FolderDataset, preprocessing, train_transform,  # noqa: E402
+                                 training_tree)
+from advgkl.data.shards import ShardDataset, read_index, write_shards  # noqa: E402
 
 
 def make_tree(root: Path, n: int) -> None:

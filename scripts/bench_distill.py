@@ -5,7 +5,7 @@ teacher forward.
         [--steps 3] [--device cpu|cuda] [--repeats 5] [--warmup 1] [--precision fp32|bf16]
         [--json out.json]
 
-Every variant is the trainer's own step (`advgkl.step.TrainStep`, CIFAR-10 shapes, the same
+Every variant is the trainer's own step (`advgkl.training.step.TrainStep`, CIFAR-10 shapes, the same
 student weights, batch and attack of K steps): trades (the student alone), ard, rslad,
 rslad-gkl (RSLAD with GKL's terms), gkl-kd, adaad; and teacher-forward, one forward of the frozen
 teacher on the batch without gradients. The bound of the issue: ARD, RSLAD (both divergences) and
@@ -21,11 +21,11 @@ import json
 from pathlib import Path
 
 import torch
+from bench_step import cifar_batch, time_steps, trainer_step
 
 from advgkl.config import build_config
+from advgkl.methods.teacher import FrozenTeacher
 from advgkl.models import create_model
-from advgkl.teacher import FrozenTeacher
-from bench_step import cifar_batch, time_steps, trainer_step
 
 VARIANTS = {"trades": ["loss.method=trades"],
             "ard": ["loss.method=ard"],

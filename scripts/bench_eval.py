@@ -4,7 +4,7 @@
         [--batch-size 90] [--repeats 3] [--skip-sharding] [--json out.json]
     python scripts/bench_eval.py --apgd-model wrn-34-10 [--apgd-points 512] [--device cuda]
 
-1. Overhead: `advgkl.evaluate.evaluate_autoattack` vs `pyautoattack.AutoAttack(...)
+1. Overhead: `advgkl.evaluation.autoattack.evaluate_autoattack` vs `pyautoattack.AutoAttack(...)
    .run_standard_evaluation` on the same model, points, eps, batch size and seed (standard
    version), taking turns --repeats times; wall-clock ratio of the medians and of the fastest
    runs (a shared machine only ever adds time), and whether the robust flags are identical.
@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-from advgkl.checkpoint import load_checkpoint, model_from_checkpoint
+from advgkl.checkpoint import load_checkpoint
 from advgkl.config import load_config, parse_number
-from advgkl.data import load_split, to_unit_float
-from advgkl.evaluate import evaluate_autoattack
-from advgkl.train import train
+from advgkl.data.tensors import load_split, to_unit_float
+from advgkl.evaluation.autoattack import evaluate_autoattack
+from advgkl.models.loading import model_from_checkpoint
+from advgkl.training.loop import train
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
 

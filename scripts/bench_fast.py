@@ -3,7 +3,7 @@
     python scripts/bench_fast.py [--model preact-resnet-18] [--batch-size 32] [--steps 10]
         [--device cpu|cuda] [--repeats 5] [--warmup 2] [--json out.json]
 
-Every variant is the trainer's own step (`advgkl.step.TrainStep` with the attack `build_attack`
+Every variant is the trainer's own step (`advgkl.training.step.TrainStep` with the attack `build_attack`
 makes), fp32, from the same initial weights, on the same batch (CIFAR-sized, Linf 8/255), with
 each method's published settings: PGD-AT (K steps of 2/255, Rice et al.'s form), GKL (K steps),
 FGSM-RS, N-FGSM, GradAlign (its double backprop) and GKL with N-FGSM's attack. Timed in turns
@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 
 import torch
+from bench_step import cifar_batch, time_steps, trainer_step
 
 from advgkl.config import build_config
 from advgkl.machine import describe_machine
 from advgkl.models import create_model
-from bench_step import cifar_batch, time_steps, trainer_step
 
 VARIANTS = {"pgd_at": ["loss.method=pgd_at"],
             "gkl": ["loss.method=gkl"],

@@ -5,7 +5,7 @@ AdamW, EMA) against a clean training step of the same model and batch, as a rati
         [--image-size 224] [--device cpu|cuda] [--bf16] [--channels-last] [--compile]
         [--repeats 5] [--warmup 2] [--json out.json]
 
-Both steps are `advgkl.step.TrainStep` built from configs/imagenet/singh_at_convnext_t_convstem
+Both steps are `advgkl.training.step.TrainStep` built from configs/imagenet/singh_at_convnext_t_convstem
 .yaml; the clean one with attack.eps=0 (one forward/backward). Same weights, same batch of random
 images; median seconds per step after --warmup steps, the two alternating for --repeats rounds.
 The FLOP estimate of the recipe headers predicts a ratio of about 10 / 3 (APGD-2: 3 forwards and
@@ -24,8 +24,8 @@ import torch
 
 from advgkl.config import load_config
 from advgkl.models import create_model
-from advgkl.step import TrainStep
-from advgkl.train import build_attack
+from advgkl.training.build import build_attack
+from advgkl.training.step import TrainStep
 
 CONFIG = (Path(__file__).parent.parent / "configs" / "imagenet"
           / "singh_at_convnext_t_convstem.yaml")

@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from advgkl.losses import gkl_loss
+from advgkl.losses.functional import gkl_loss
 from advgkl.reference import pairwise_gkl_loss
 
 SHAPES = ((128, 10), (256, 100), (256, 1000))

@@ -9,7 +9,7 @@ forward, GKL objective (alpha 4, beta 20, gamma 1), backward, SGD step, class-pr
 (gamma 0.005, on unless --no-awp) and the weight-EMA update.
 - reference: written here in the paper code's style: the clean logits recomputed at every attack
   step, the pairwise (B, C, C) loss (`advgkl.reference`), fp32, contiguous memory format.
-- ours: `advgkl.step.TrainStep`, the trainer's own step, built from the paper's CIFAR-10 config;
+- ours: `advgkl.training.step.TrainStep`, the trainer's own step, built from the paper's CIFAR-10 config;
   fp32, bf16 (training and attack under bf16 autocast), -cl channels_last, -compile torch.compile.
 Every variant starts from the same initial weights and runs the same batch with the same seed on
 the same device; after --warmup steps each, the variants take turns for --repeats rounds; median
@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advgkl.attacks import PGDAttack
+from advgkl.attacks.pgd import PGDAttack
 from advgkl.config import load_config
+from advgkl.methods.priors import ClassPrior
 from advgkl.models import create_model
-from advgkl.priors import ClassPrior
 from advgkl.reference import pairwise_gkl_loss
-from advgkl.step import TrainStep
-from advgkl.train import build_attack
+from advgkl.training.build import build_attack
+from advgkl.training.step import TrainStep
 
 CONFIG = Path(__file__).parent.parent / "configs" / "cifar10" / "gkl_wrn34_10.yaml"
 EPS, STEP_SIZE, LR = 8 / 255, 2 / 255, 0.1

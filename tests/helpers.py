@@ -3,7 +3,9 @@
 import contextlib
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,3 +83,17 @@ def kill_when(procs: subprocess.Popen | list[subprocess.Popen], ready,
         kill_tree(proc.pid)
     for proc in procs:
         proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a process group of a test's own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone` (a free port of its own, so that tests run side by side under
+    pytest-xdist) with `nproc` processes on one node, running `python -m advgkl args`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "advgkl", *args]

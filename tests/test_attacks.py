@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from advgkl.attacks import PGDAttack, attack_schedule
+from advgkl.attacks.pgd import PGDAttack, attack_schedule
 from advgkl.reference import pairwise_gkl_loss
 
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advgkl.awp import AWP
 from advgkl.config import load_config
+from advgkl.methods.awp import AWP
+from advgkl.methods.objectives import Logits, build_objective
 from advgkl.models import create_model
-from advgkl.objectives import Logits, build_objective
-from advgkl.train import learning_rate
+from advgkl.training.loop import learning_rate
 
 ROOT = Path(__file__).parent.parent
 AWP_CONFIGS = [p for p in sorted((ROOT / "configs").rglob("*.yaml"))

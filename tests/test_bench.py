@@ -46,6 +46,7 @@ def test_bench_step_runs_and_writes_json(tmp_path):
         "fp32-attack-seed", "fp32-other-data", "bf16"}
 
 
+@pytest.mark.slow
 def test_bench_aa_projects_from_full_budget_costs(tmp_path):
     """The AutoAttack projection runs, every point stays robust (full budgets were timed), and
     the projection is the profile-weighted sum of the per-point costs."""

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import advgkl.checkpoint as ckpt_mod
-from advgkl.checkpoint import (CheckpointError, clean_foreign_state_dict, import_checkpoint,
-                               load_checkpoint, model_checkpoint, model_from_checkpoint,
-                               save_checkpoint)
+from advgkl.checkpoint import (CheckpointError, clean_foreign_state_dict, load_checkpoint,
+                               model_checkpoint, save_checkpoint)
 from advgkl.models import create_model
+from advgkl.models.loading import import_checkpoint, model_from_checkpoint
 
 
 def tiny_checkpoint(arch="wrn-10-1", classes=10, **extra):

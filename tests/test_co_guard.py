@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_when
 
-import advgkl.train as train_mod
-from advgkl.cli import main
+import advgkl.training.loop as train_mod
 from advgkl.checkpoint import load_checkpoint
-from advgkl.co_guard import COGuard, guard_mode
+from advgkl.cli import main
 from advgkl.config import load_config
 from advgkl.errors import UserError
-from helpers import kill_when
+from advgkl.training.co_guard import COGuard, guard_mode
 
 ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"

@@ -46,6 +46,7 @@ def test_robustbench_imports_and_builds_its_wide_resnet():
     assert out.split() == ["advgkl.legacy_autoattack", "(2,", "10)"]
 
 
+@pytest.mark.slow
 def test_robustbench_eval_call_path_runs_on_a_tiny_model(tmp_path):
     calls = robustbench_calls()
     # The contract the adapter implements: if robustbench changes how it calls, this fails first.

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from advgkl.config_methods import RECIPE_STARTS
-
 from advgkl.config import (Config, build_config, config_to_dict, dump_config, load_config,
                            save_config)
+from advgkl.config.binding import RECIPE_STARTS
+from advgkl.config.methods import DISTILLATION, METHODS
 from advgkl.errors import ConfigError
-from advgkl.methods import DISTILLATION, METHODS
 
 ROOT = Path(__file__).parent.parent
 SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "studies")
@@ -245,7 +244,7 @@ def test_old_run_folders_configs_still_load():
 
 
 def test_settings_defaults_are_the_published_values():
-    """The values each method's authors' code runs (the docstring of advgkl.methods)."""
+    """The values each method's authors' code runs (the docstring of advgkl.config.methods)."""
     published = {"trades": {"beta": 6.0}, "mart": {"beta": 6.0, "form": "authors"},
                  "lbgat": {"beta": 6.0, "natural_arch": "resnet-18-lbgat"},
                  "gkl": {"alpha": 4.0, "beta": 20.0, "gamma": 1.0, "temperature": 1.0,

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from advgkl.attacks import PGDAttack
-from advgkl.awp import AWP
-from advgkl.losses import gkl_loss
-from advgkl.methods import METHODS
-from advgkl.objectives import Logits, build_objective
-from advgkl.priors import ClassPrior
+from advgkl.attacks.pgd import PGDAttack
+from advgkl.config.methods import METHODS
+from advgkl.losses.functional import gkl_loss
+from advgkl.methods.awp import AWP
+from advgkl.methods.objectives import Logits, build_objective
+from advgkl.methods.priors import ClassPrior
 from advgkl.reference import pairwise_gkl_loss
 
 pytestmark = pytest.mark.cuda
@@ -118,7 +118,7 @@ def test_one_training_epoch_on_the_gpu(tmp_path):
 
     from advgkl.checkpoint import load_checkpoint
     from advgkl.config import load_config
-    from advgkl.train import train
+    from advgkl.training.loop import train
 
     demo = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
     cfg = load_config(demo, ["train.device=cuda", "train.epochs=2", "train.ema_start_epoch=1",
@@ -136,9 +136,10 @@ def test_one_training_epoch_on_the_gpu(tmp_path):
 def test_bf16_channels_last_compile_training_on_the_gpu(tmp_path, options):
     from pathlib import Path
 
-    from advgkl.checkpoint import load_checkpoint, model_from_checkpoint
+    from advgkl.checkpoint import load_checkpoint
     from advgkl.config import load_config
-    from advgkl.train import train
+    from advgkl.models.loading import model_from_checkpoint
+    from advgkl.training.loop import train
 
     demo = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
     cfg = load_config(demo, ["train.device=cuda", "train.epochs=3", *options])
@@ -149,9 +150,9 @@ def test_bf16_channels_last_compile_training_on_the_gpu(tmp_path, options):
 
 def test_device_crop_flip_on_the_gpu_gives_uniform_valid_crops():
     from scipy.stats import chisquare
-
-    from advgkl.data import random_crop_flip
     from test_data import crop_flip_outcomes, fake_split, outcome_counts
+
+    from advgkl.data.tensors import random_crop_flip
 
     img = fake_split(1).images[0]
     torch.manual_seed(0)
@@ -167,7 +168,7 @@ def test_generated_data_with_device_augmentation_on_the_gpu(tmp_path):
     import numpy as np
 
     from advgkl.config import load_config
-    from advgkl.train import train
+    from advgkl.training.loop import train
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "g.npz", image=rng.integers(0, 256, (2000, 16, 16, 3), dtype=np.uint8),
@@ -186,9 +187,10 @@ def test_gkl_attack_objective_and_epoch_average_on_the_gpu(tmp_path):
     epoch average, trains on CUDA and leaves an avg.pt that evaluates."""
     from pathlib import Path
 
-    from advgkl.checkpoint import load_checkpoint, model_from_checkpoint
+    from advgkl.checkpoint import load_checkpoint
     from advgkl.config import load_config
-    from advgkl.train import train
+    from advgkl.models.loading import model_from_checkpoint
+    from advgkl.training.loop import train
 
     demo = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
     cfg = load_config(demo, ["train.device=cuda", "train.epochs=2", "attack.objective=gkl",
@@ -207,7 +209,7 @@ def test_distillation_on_the_gpu_in_bf16_channels_last(tmp_path, method):
     from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
     from advgkl.config import load_config
     from advgkl.models import create_model
-    from advgkl.train import train
+    from advgkl.training.loop import train
 
     teacher = tmp_path / "teacher.pt"
     save_checkpoint(teacher, model_checkpoint(create_model("wrn-10-1", 10).state_dict(),
@@ -232,8 +234,8 @@ def test_fast_methods_train_on_the_gpu(variant):
     """The trainer's step of each fast method (double backprop included) on CUDA: a finite
     loss; without random draws (FGSM from x) the CPU's first loss for the same weights."""
     from advgkl.config import build_config
-    from advgkl.step import TrainStep
-    from advgkl.train import build_attack
+    from advgkl.training.build import build_attack
+    from advgkl.training.step import TrainStep
 
     cfg = build_config({}, [*variant, "awp.gamma=0", "train.ema_start_epoch=1000"])
     x, y = batch()

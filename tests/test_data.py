@@ -1,12 +1,12 @@
 """Data: the embedded digits split, the CIFAR error, and the augmentations."""
 
+import numpy as np
 import pytest
 import torch
-
 import torchvision.transforms.v2 as T
 
-from advgkl.data import (Cutout, Split, image_transform, load_split, random_crop_flip,
-                         train_dataset)
+from advgkl.data.tensors import (DIGITS_SPLIT_SEED, Cutout, Split, digits_arrays, digits_split,
+                                 image_transform, load_split, random_crop_flip, train_dataset)
 from advgkl.errors import UserError
 
 
@@ -18,6 +18,21 @@ def test_digits_split_is_fixed_stratified_and_scaled():
     counts = torch.bincount(test.labels, minlength=10)
     assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
     assert test.images.max() == 255 and test.images.min() == 0
+
+
+def test_digits_are_scikit_learn_s_and_the_split_is_its_stratified_split():
+    """Read without importing scikit-learn (digits.csv.gz, the stored split): equal to
+    load_digits() and to train_test_split(..., stratify=target) with the fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    images, target = digits_arrays()
+    digits = load_digits()
+    assert np.array_equal(images, digits.images) and np.array_equal(target, digits.target)
+    train, test = train_test_split(range(1797), test_size=0.2, random_state=DIGITS_SPLIT_SEED,
+                                   stratify=digits.target)
+    split = digits_split()
+    assert (split["train"], split["test"]) == (list(train), list(test))
 
 
 def test_missing_cifar_names_folder_and_files(tmp_path):

@@ -12,18 +12,18 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LargestTensor, assert_states_close
 from torch import nn
 
-from advgkl.attacks import PGDAttack
+from advgkl.attacks.pgd import PGDAttack
 from advgkl.config import build_config
-from advgkl.losses import kl_divergence, rslad_kl
-from advgkl.methods import METHODS
+from advgkl.config.methods import METHODS
+from advgkl.losses.functional import kl_divergence, rslad_kl
+from advgkl.methods.objectives import Logits, build_objective
+from advgkl.methods.teacher import FrozenTeacher
 from advgkl.models import create_model
-from advgkl.objectives import Logits, build_objective
-from advgkl.step import TrainStep
-from advgkl.teacher import FrozenTeacher
-from advgkl.train import build_attack
-from helpers import LargestTensor, assert_states_close
+from advgkl.training.build import build_attack
+from advgkl.training.step import TrainStep
 
 KLDiv = nn.KLDivLoss  # the authors' criterion, with its 'mean' default
 

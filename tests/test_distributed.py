@@ -8,21 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import kill_tree, torchrun
 
 from advgkl.checkpoint import load_checkpoint
-
-from helpers import kill_tree
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
 # A deterministic attack (CE, no random start), AWP and the class prior on, a global batch of 64.
 COMMON = ["train.epochs=2", "train.batch_size=64", "awp.gamma=0.005", "awp.warmup_epochs=1",
           "eval.val_size=64", "attack.objective=ce", "attack.random_start=none"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(*args, **kw):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "advgkl",
-            *args]
 
 
 def train_cmd(out, name, *extra, procs=2):
@@ -37,9 +31,12 @@ def relative_differences(a, b):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
-    for name, procs, extra in (("ddp", 2, []), ("single", 1, []), ("other-seed", 1, ["train.seed=1"])):
-        done = subprocess.run(train_cmd(tmp_path, name, *extra, procs=procs), capture_output=True,
-                              text=True, env=ENV)
+    # eval.check=none: rank 0 draws nothing at an epoch's end, so the ranks' saved random
+    # streams differ only where their seeds do
+    for name, procs, extra in (("ddp", 2, []), ("single", 1, []),
+                               ("other-seed", 1, ["train.seed=1"])):
+        done = subprocess.run(train_cmd(tmp_path, name, "eval.check=none", *extra, procs=procs),
+                              capture_output=True, text=True, env=ENV)
         assert done.returncode == 0, done.stderr[-3000:]
     # Only rank 0 writes: one start line, one row per epoch.
     log = (tmp_path / "ddp" / "train.log").read_text()
@@ -62,6 +59,23 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert abs(ddp["metrics"]["loss"] - single["metrics"]["loss"]) < 0.02 * single["metrics"]["loss"]
     assert abs(ddp["metrics"]["train_acc"] - single["metrics"]["train_acc"]) < 0.02
     torch.testing.assert_close(ddp["prior"]["prior"], single["prior"]["prior"], atol=0.01, rtol=0)
+    # Each rank has its own random streams (seed + rank): here nothing is drawn while training,
+    # so alike seeds would have left both ranks' streams equal
+    streams = [r["rng"] for r in ddp["ranks"]]
+    assert not torch.equal(streams[0]["torch"], streams[1]["torch"])
+    assert not torch.equal(streams[0]["numpy"][1], streams[1]["numpy"][1])
+
+
+def test_each_rank_s_loader_workers_are_seeded_apart_rank_0_as_one_process():
+    from advgkl.config import load_config
+    from advgkl.data.train_data import epoch_loader
+    from advgkl.distributed import DistInfo
+
+    cfg = load_config(DEMO, ["data.num_workers=2"])
+    data = torch.utils.data.TensorDataset(torch.zeros(8, 1), torch.zeros(8))
+    seeds = [epoch_loader(cfg, data, 8, DistInfo(rank, world), 3, False).generator.initial_seed()
+             for rank, world in ((0, 1), (0, 2), (1, 2))]
+    assert seeds[0] == seeds[1] != seeds[2]
 
 
 @pytest.mark.slow
@@ -137,9 +151,10 @@ def test_a_checkpoint_from_another_process_count_resumes_with_a_note(tmp_path):
     from advgkl.config import load_config
     from advgkl.distributed import DistInfo
     from advgkl.runlog import RunLog
-    from advgkl.step import TrainStep
-    from advgkl.train import build_model, train
-    from advgkl.train_state import restore
+    from advgkl.training.build import build_model
+    from advgkl.training.loop import train
+    from advgkl.training.state import restore
+    from advgkl.training.step import TrainStep
 
     cfg = load_config(DEMO, ["train.epochs=1", "eval.val_size=64", "train.device=cpu"])
     train(cfg, tmp_path / "run", echo=False)

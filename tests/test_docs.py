@@ -12,7 +12,7 @@ import pytest
 from advgkl.cli import build_parser
 from advgkl.config import load_config
 from advgkl.errors import UserError
-from advgkl.study import load_study
+from advgkl.studies.study import load_study
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -86,3 +86,11 @@ def test_each_command_works_as_written(page, words, comment):
 @pytest.mark.parametrize("page, code", list(blocks("python")), ids=lambda v: getattr(v, "name", ""))
 def test_python_snippets_compile(page, code):
     compile(code, str(page), "exec")
+
+
+@pytest.mark.parametrize("page, code", list(blocks("python")), ids=lambda v: getattr(v, "name", ""))
+def test_python_snippets_import_what_they_name(page, code):
+    """The snippets' advgkl imports run: the documented paths are the real ones."""
+    imports = [line for line in code.splitlines()
+               if line.startswith(("from advgkl", "import advgkl"))]
+    exec("\n".join(imports), {})

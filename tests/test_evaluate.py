@@ -9,12 +9,14 @@ import sys
 import pyautoattack
 import pytest
 import torch
+from helpers import torchrun
 
 from advgkl.checkpoint import model_checkpoint, save_checkpoint
-from advgkl.data import load_split, to_unit_float
+from advgkl.data.tensors import load_split, to_unit_float
 from advgkl.errors import UserError
-from advgkl.evaluate import (EvalResult, evaluate_autoattack, evaluate_pgd, merge_results,
-                             resolve_attacks)
+from advgkl.evaluation.autoattack import (EvalResult, evaluate_autoattack, merge_results,
+                                          resolve_attacks)
+from advgkl.evaluation.quick import evaluate_pgd
 from advgkl.models import create_model
 
 EPS = 24 / 255
@@ -44,6 +46,7 @@ def model():
     return trained_model()
 
 
+@pytest.mark.slow
 def test_identical_to_a_direct_pyautoattack_call(model):
     x, y = digits_points()
     ours = evaluate_autoattack(model, x, y, eps=EPS, batch_size=16, seed=0, device="cpu",
@@ -201,13 +204,13 @@ def test_eval_bad_input_is_one_clear_error(digits_ckpt, tmp_path, args, message)
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_torchrun_shards_merge_to_the_union(digits_ckpt, tmp_path):
     common = ["--n-examples", "30", "--version", "custom", "--attacks", "apgd-ce",
               "--batch-size", "10", "--eps", "16/255"]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "-m", "advgkl", "eval", str(digits_ckpt), *common,
-                          "--out", str(tmp_path / "torchrun")], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(torchrun("eval", str(digits_ckpt), *common,
+                                  "--out", str(tmp_path / "torchrun")), capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     for i in range(2):
         out = run_cli("eval", str(digits_ckpt), *common, "--shard", f"{i}/2",
@@ -228,6 +231,7 @@ def test_torchrun_shards_merge_to_the_union(digits_ckpt, tmp_path):
         s["per_attack"][0]["robust"] for s in shards)
 
 
+@pytest.mark.slow
 def test_export_bundle(digits_ckpt, tmp_path):
     out = run_cli("eval", str(digits_ckpt), "--n-examples", "12", "--out", str(tmp_path / "r"),
                   "--batch-size", "12")
@@ -256,7 +260,7 @@ def test_export_bundle(digits_ckpt, tmp_path):
 
 
 def test_per_class_accuracy_and_the_worst_class_come_from_the_flags():
-    from advgkl.evaluate import EvalResult, merge_results
+    from advgkl.evaluation.autoattack import EvalResult, merge_results
 
     def result(first, labels, clean, robust):
         return EvalResult(n_examples=len(labels), clean_flags=clean, robust_flags=robust,

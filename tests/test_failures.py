@@ -3,18 +3,19 @@ fails leaves nothing that blocks its corrected rerun, and the two promised resum
 real SIGKILL (training before its first checkpoint; AutoAttack with --state)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_when
 
 from advgkl.checkpoint import load_checkpoint
 from advgkl.cli import main
 from advgkl.config import load_config
-from advgkl.train import train
-from helpers import kill_when
+from advgkl.training.loop import train
 
 ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
@@ -104,6 +105,7 @@ def test_each_mistake_is_one_line_exit_2_and_writes_nothing(args, fragment, chec
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_training_that_fails_before_its_first_checkpoint_removes_its_folder(tmp_path):
     """A non-finite loss in epoch 1 (lr 1e30): one line, exit 2, no run folder; the corrected
     command then runs under the same name."""
@@ -117,6 +119,7 @@ def test_training_that_fails_before_its_first_checkpoint_removes_its_folder(tmp_
     assert load_checkpoint(tmp_path / "r" / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_training_killed_before_its_first_checkpoint_resumes_from_epoch_1(tmp_path):
     args = [*SHORT, f"run.out_dir={tmp_path}", "train.epoch_avg_tau=0.9"]
     assert cli("train", DEMO, *args, "run.name=full").returncode == 0
@@ -140,6 +143,36 @@ def test_training_killed_before_its_first_checkpoint_resumes_from_epoch_1(tmp_pa
                for k, v in full["epoch_avg"]["model"].items())
 
 
+@pytest.mark.slow
+def test_a_resume_writes_the_epoch_line_and_row_that_a_kill_left_unwritten(tmp_path):
+    """After an epoch, last.pt comes first, then train.log's line, then the metrics row. A run is
+    SIGKILLed after epoch 1; from its folder two states are made by hand, the moments a kill
+    can hit that no test can time: right after last.pt (neither line nor row written) and
+    between the line and the row. `advgkl train --resume` then writes what is missing, once."""
+    args = [*SHORT, f"run.out_dir={tmp_path}", "run.name=killed"]
+    proc = subprocess.Popen([sys.executable, "-m", "advgkl", "train", str(DEMO), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = tmp_path / "killed"
+    kill_when(proc, lambda: (killed / "metrics.csv").exists())
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 1
+    line = load_checkpoint(killed / "last.pt")["log_line"]
+    for lost in ("line and row", "row"):
+        run = tmp_path / lost.replace(" ", "_")
+        shutil.copytree(killed, run)
+        header = (run / "metrics.csv").read_text().splitlines()[0]
+        (run / "metrics.csv").write_text(header + "\n")
+        if lost == "line and row":
+            log = (run / "train.log").read_text().splitlines()
+            (run / "train.log").write_text("".join(f"{x}\n" for x in log if line not in x))
+        out = cli("train", "--resume", run)
+        assert out.returncode == 0, out.stderr
+        log = (run / "train.log").read_text()
+        assert log.count(f" {line}\n") == 1 and log.count(" epoch 2: ") == 1, lost
+        assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()[1:]] \
+            == ["1", "2"]
+
+
+@pytest.mark.slow
 def test_autoattack_killed_mid_way_continues_from_its_state_file(checkpoint, tmp_path):
     """`advgkl eval ... --state FILE`, SIGKILLed inside an attack, then the same command: it
     continues (the killed run's log does not block it) and gives the uninterrupted run's flags."""

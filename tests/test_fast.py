@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import advgkl.train as train_mod
-import advgkl.train_data as train_data
-from advgkl.attacks import PGDAttack
-from advgkl.checkpoint import load_checkpoint
-from advgkl.config import ConfigError, build_config
-from advgkl.config_methods import attack_description
-from advgkl.data import train_dataset
-from advgkl.distributed import DistInfo
-from advgkl.models import create_model
-from advgkl.methods import METHODS
-from advgkl.schedules import cyclic_momentum, learning_rate
-from advgkl.single_step import SingleStepAttack, build_single_step, gradient_alignment
-from advgkl.train import build_attack
 from helpers import assert_states_close
 from test_paper_pipeline import N_IMAGES, saturated_images
+
+import advgkl.data.train_data as train_data
+import advgkl.training.loop as train_mod
+from advgkl.attacks.pgd import PGDAttack
+from advgkl.attacks.single_step import SingleStepAttack, build_single_step, gradient_alignment
+from advgkl.checkpoint import load_checkpoint
+from advgkl.config import ConfigError, build_config
+from advgkl.config.binding import attack_description
+from advgkl.config.methods import METHODS
+from advgkl.data.tensors import train_dataset
+from advgkl.distributed import DistInfo
+from advgkl.models import create_model
+from advgkl.training.build import build_attack
+from advgkl.training.schedules import cyclic_momentum, learning_rate
 
 EPS = 8 / 255
 BASE = {"data": {"dataset": "cifar10", "augment": "none", "num_workers": 0},

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from advgkl.cli import main
+from advgkl.data.generated import MixedBatchSampler, open_generated, permutation_stream
 from advgkl.errors import UserError
-from advgkl.generated import MixedBatchSampler, open_generated, permutation_stream
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
 
@@ -120,9 +120,9 @@ RSS_SCRIPT = textwrap.dedent("""
     import resource, sys
     from torch.utils.data import DataLoader
     from advgkl.config import load_config
-    from advgkl.data import train_dataset
-    from advgkl.generated import MixedBatchSampler, convert, open_generated
-    from advgkl.train import train
+    from advgkl.data.tensors import train_dataset
+    from advgkl.data.generated import MixedBatchSampler, convert, open_generated
+    from advgkl.training.loop import train
 
     path, out, demo = sys.argv[1:4]
     cfg = load_config(demo, ["data.generated=" + path, "data.generated_fraction=0.7",

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port, kill_when
+from trees import config, folder_tree, imagenet_tree, one_line_error
 
 from advgkl.cli import main
 from advgkl.compat import import_robustbench
-from advgkl.folders import FolderDataset, load_points, preprocessing, training_tree
-
-from helpers import kill_when
-from trees import config, folder_tree, imagenet_tree, one_line_error
+from advgkl.data.folders import FolderDataset, load_points, preprocessing, training_tree
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +97,13 @@ def test_eval_writes_an_imagenet_record_on_robustbench_points(trained, tree, tmp
     assert "not 5,000" in (bundle / "new_model_issue.md").read_text()
 
 
+@pytest.mark.slow
 def test_each_training_image_is_seen_once_per_epoch_under_ddp(tree, tmp_path):
     """Two gloo processes, two loader workers each: the images the ranks draw in an epoch are
     the training set, each once (compared by their decoded bytes)."""
     cfg = config(tmp_path, tree, data={"augment": "none"}, eval={"check": "none"})
-    torch.multiprocessing.spawn(_draw_epoch, args=(str(cfg), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_draw_epoch, args=(str(cfg), str(tmp_path), free_port()),
+                                nprocs=2)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     tree_ = training_tree(tree, "imagenet")
     fixed = FolderDataset(tree_.samples, preprocessing("Res36Crop32", floats=True))
@@ -117,14 +118,14 @@ def _digest(image):
     return hashlib.sha256((image * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _draw_epoch(rank, cfg_path, out):
+def _draw_epoch(rank, cfg_path, out, port):
     import torch.distributed as dist
 
     from advgkl.config import load_config
+    from advgkl.data.train_data import epoch_loader, training_data
     from advgkl.distributed import DistInfo
-    from advgkl.train_data import epoch_loader, training_data
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     cfg = load_config(cfg_path)
     data = training_data(cfg)
@@ -218,8 +219,8 @@ def test_shards_that_do_not_match_their_folder_are_refused(tree, tmp_path, capsy
 
 
 def test_a_stopped_shard_writer_continues_with_the_complete_shards(tree, tmp_path):
+    from advgkl.data.shards import tree_fingerprint, write_shards
     from advgkl.errors import UserError
-    from advgkl.shards import tree_fingerprint, write_shards
 
     out = tmp_path / "shards"
     write_shards(tree, out, dataset="imagenet", shard_size=16, progress=False)

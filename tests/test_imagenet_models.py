@@ -3,6 +3,7 @@ classes; `model.init` from every accepted source, loaded strictly or refused in 
 ImageNet zoo entry evaluated through --robustbench as RobustBench's own loader gives it."""
 
 import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -11,9 +12,9 @@ from advgkl.checkpoint import model_checkpoint, save_checkpoint
 from advgkl.cli import main
 from advgkl.compat import import_robustbench
 from advgkl.errors import UserError
-from advgkl.init_weights import load_init
 from advgkl.models import create_model
 from advgkl.models.imagenet import CONVSTEM
+from advgkl.training.init_weights import load_init
 
 import_robustbench()
 from robustbench.model_zoo.architectures.convstem_models import get_convstem_models  # noqa: E402

@@ -5,19 +5,17 @@ uninterrupted run, in one process and with two torchrun agents acting as two nod
 rendezvous, gloo); bad input stops in one line, exit 2, nothing written."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port, kill_when
+from trees import one_line_error
 
 from advgkl.checkpoint import load_checkpoint
 from advgkl.cli import main
-
-from helpers import kill_when
-from trees import one_line_error
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "imagenet").glob("*.yaml"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -94,15 +92,9 @@ def test_a_kill_inside_an_epoch_resumes_bit_identically(tree, tmp_path):
     assert not (run / "partial.pt").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _two_nodes(args: list[str], job: str) -> list[subprocess.Popen]:
     """Two torchrun agents on localhost, one process each, meeting through c10d."""
-    port = _free_port()
+    port = free_port()
     return [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", f"--rdzv-id={job}",

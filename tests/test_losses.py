@@ -3,13 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from advgkl.losses import (cross_entropy, gkl_loss, ikl_loss, lbgat_guidance, mart_loss,
-                           soft_cross_entropy, trades_kl)
-from advgkl.methods import METHODS
-from advgkl.objectives import Logits, build_objective
-from advgkl.reference import pairwise_gkl_loss as pairwise_gkl
 from helpers import LargestTensor
+
+from advgkl.config.methods import METHODS
+from advgkl.losses.functional import (cross_entropy, gkl_loss, ikl_loss, lbgat_guidance, mart_loss,
+                                      soft_cross_entropy, trades_kl)
+from advgkl.methods.objectives import Logits, build_objective
+from advgkl.reference import pairwise_gkl_loss as pairwise_gkl
 
 
 def random_inputs(batch, classes, seed=0, dtype=torch.float64):

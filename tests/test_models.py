@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from advgkl.checkpoint import model_checkpoint
-from advgkl.models import (CIFAR100_MEAN, CIFAR100_STD, CIFAR10_MEAN, CIFAR10_STD, create_model,
+from advgkl.models import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, create_model,
                            list_models)
 from advgkl.models.robustbench import (export_for_robustbench, robustbench_constructor,
                                        robustbench_model)

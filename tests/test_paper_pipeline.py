@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_states_close
 
-import advgkl.train as train_mod
-import advgkl.train_data as train_data
-from advgkl.average import average_run
+import advgkl.data.train_data as train_data
+import advgkl.training.loop as train_mod
 from advgkl.checkpoint import load_checkpoint
 from advgkl.config import load_config
-from advgkl.data import NUM_CLASSES, Split, train_dataset
+from advgkl.data.tensors import NUM_CLASSES, Split, train_dataset
 from advgkl.distributed import DistInfo
 from advgkl.models import create_model
 from advgkl.reference import pairwise_gkl_loss
-from helpers import assert_states_close
+from advgkl.training.average import average_run
 
 ROOT = Path(__file__).parent.parent
 N_IMAGES, SIZE = 200, 16

@@ -1,14 +1,14 @@
 """ClassPrior: accumulation, epoch mixing, unseen classes, EMA mode, state, and DDP agreement."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
-from advgkl.priors import ClassPrior
+from advgkl.methods.priors import ClassPrior
 
 
 def direct_prior(logits, y, classes, temperature):
@@ -102,12 +102,6 @@ def test_bad_update_and_state_shapes():
         prior.update(torch.randn(2, 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="num_classes = 3"):
         prior.load_state_dict(ClassPrior(4).state_dict())
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank, world, port, mode, out):

@@ -21,21 +21,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_states_close
 from torch import nn
 
+from advgkl.attacks.recipes import APGDTrain, AresPGD
 from advgkl.config import build_config, load_config
-from advgkl.ema import WeightEMA
-from advgkl.losses import cross_entropy
-from advgkl.methods import METHODS
-from advgkl.objectives import Logits, build_objective
-from advgkl.priors import ClassPrior
-from advgkl.recipe_attacks import APGDTrain, AresPGD
+from advgkl.config.methods import METHODS
+from advgkl.losses.functional import cross_entropy
+from advgkl.methods.objectives import Logits, build_objective
+from advgkl.methods.priors import ClassPrior
 from advgkl.runlog import RunLog
-from advgkl.schedules import learning_rate
-from advgkl.step import TrainStep, build_optimizer
-from advgkl.train import _train_epoch, build_attack
-
-from helpers import assert_states_close
+from advgkl.training.build import build_attack
+from advgkl.training.ema import WeightEMA
+from advgkl.training.loop import _train_epoch
+from advgkl.training.schedules import learning_rate
+from advgkl.training.step import TrainStep, build_optimizer
 
 EPS = 4 / 255
 SOFT_METHODS = [m for m, spec in METHODS.items() if spec.soft_targets]
@@ -123,9 +123,14 @@ def singh_apgd_train(model, x, y, eps, n_iter):
     return x_best
 
 
-def ares_adv_generator(model, images, target, eps, attack_steps, attack_lr):
-    """adv_generator(random_start=False, attack_criterion='mixup', use_best=True), mean 0 std 1."""
-    def criterion(z, t):  # timm's SoftTargetCrossEntropy
+def ares_adv_generator(model, images, target, eps, attack_steps, attack_lr,
+                       attack_criterion="mixup"):
+    """adv_generator(random_start=False, attack_criterion, use_best=True), mean 0 std 1:
+    'mixup' is timm's SoftTargetCrossEntropy (a batch mean), 'regular' CrossEntropyLoss with
+    reduction='none' (a loss per image)."""
+    def criterion(z, t):
+        if attack_criterion == "regular":
+            return torch.nn.CrossEntropyLoss(reduction="none")(z, t)
         return torch.sum(-t * F.log_softmax(z, dim=-1), dim=-1).mean()
 
     orig_input = images.detach()
@@ -169,11 +174,12 @@ def test_apgd_train_equals_singh_et_al_code(steps, soft, float64):
     assert not torch.equal(ours, inside) and (ours - inside).abs().max() <= EPS + 1e-12
 
 
-@pytest.mark.parametrize("epoch", [1, 3, 6])
-def test_ares_pgd_equals_their_code_with_the_step_ramp(epoch, float64):
-    from advgkl.attacks import attack_schedule
+@pytest.mark.parametrize("epoch,soft", [(1, True), (3, True), (6, True), (3, False),
+                                        (6, False)])
+def test_ares_pgd_equals_their_code_with_the_step_ramp(epoch, soft, float64):
+    from advgkl.attacks.pgd import attack_schedule
 
-    model, (x, y) = _net(seed=2), _batch(seed=3, soft=True)
+    model, (x, y) = _net(seed=2), _batch(seed=3, soft=soft)
     eps, step, steps = attack_schedule("ares_ramp", epoch, 10, eps=EPS, step_size=8 / 255 / 3,
                                        steps=3)
     assert step == 8 / 255 / 3 * min(epoch - 1, 5) / 5
@@ -182,8 +188,23 @@ def test_ares_pgd_equals_their_code_with_the_step_ramp(epoch, float64):
                    random_start="uniform")(model, x, y)
     assert model.training is False and all(p.grad is None for p in model.parameters())
     torch.manual_seed(7)
-    theirs = ares_adv_generator(model, x, y, eps, steps, step)
+    theirs = ares_adv_generator(model, x, y, eps, steps, step,
+                                "mixup" if soft else "regular")
     assert torch.equal(ours, theirs)
+
+
+def test_ares_pgd_keeps_the_best_point_per_image_with_labels(float64):
+    """ARES' `regular` criterion: with hard labels each image keeps its own best point, which
+    is not what keeping the best batch mean gives (steps of 2 eps make the losses oscillate)."""
+    model, (x, y) = _net(seed=2), _batch(seed=3)
+    torch.manual_seed(7)
+    ours = AresPGD(eps=EPS, step_size=2 * EPS, steps=5, objective="ce",
+                   random_start="uniform")(model, x, y)
+    torch.manual_seed(7)
+    theirs = ares_adv_generator(model, x, y, EPS, 5, 2 * EPS, "regular")
+    torch.manual_seed(7)
+    per_batch = ares_adv_generator(model, x, F.one_hot(y, 5).double(), EPS, 5, 2 * EPS)
+    assert torch.equal(ours, theirs) and not torch.equal(ours, per_batch)
 
 
 def singh_lrs(epoch, iters, lr, epochs, peak):
@@ -286,7 +307,7 @@ def test_soft_targets_mix_the_class_prior_rows_and_its_update(float64):
 def test_soft_targets_reach_the_training_attack(attack, float64):
     """The attack's CE is the soft-target CE: the soft batch moves the point differently from
     its argmax labels, and equals the attack run on the soft CE written out."""
-    from advgkl.attacks import PGDAttack
+    from advgkl.attacks.pgd import PGDAttack
 
     model, (x, y) = _net(seed=5), _batch(seed=6, soft=True)
     cls = {"pgd": PGDAttack, "apgd": APGDTrain, "ares_pgd": AresPGD}[attack]

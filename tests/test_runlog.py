@@ -12,7 +12,7 @@ import pytest
 import advgkl.runlog as runlog
 from advgkl.config import load_config
 from advgkl.errors import ConfigError, UserError
-from advgkl.train import train
+from advgkl.training.loop import train
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo" / "digits_gkl.yaml"
 SHORT = ["train.epochs=2", "attack.steps=1", "eval.pgd_steps=1", "eval.val_size=64"]
@@ -50,7 +50,7 @@ def test_wandb_gets_the_same_numbers_and_keeps_one_run_across_a_resume(tmp_path,
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     monkeypatch.setattr(runlog, "check_trackers", lambda names: None)
-    monkeypatch.setattr("advgkl.train.check_trackers", lambda names: None)
+    monkeypatch.setattr("advgkl.training.loop.check_trackers", lambda names: None)
     cfg = load_config(DEMO, [*SHORT, "run.loggers=[wandb]", "run.wandb_project=p"])
     train(cfg, tmp_path / "run", echo=False)
     train(cfg, tmp_path / "run", resume=True, echo=False)   # finished: nothing more to log
@@ -71,3 +71,15 @@ def test_a_selected_tracker_that_is_not_installed_stops_before_the_run_folder(tm
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="run.loggers"):
         load_config(DEMO, ["run.loggers=[mlflow]"])
+
+
+def test_curves_are_redrawn_at_most_every_few_seconds_and_always_at_the_end(tmp_path):
+    log = runlog.RunLog(tmp_path, echo=False)
+    log.append_metrics({"epoch": 1, "loss": 1.0, "ce": 1.0, "robust": 0.0, "train_acc": 0.5})
+    log.plot()                                           # the first epoch is drawn
+    drawn = (tmp_path / "curves.png").stat().st_mtime_ns
+    log.append_metrics({"epoch": 2, "loss": 0.9, "ce": 0.9, "robust": 0.0, "train_acc": 0.6})
+    log.plot()                                           # a second later: not redrawn
+    assert (tmp_path / "curves.png").stat().st_mtime_ns == drawn
+    log.plot(final=True)                                 # the run's last epoch: always
+    assert (tmp_path / "curves.png").stat().st_mtime_ns > drawn

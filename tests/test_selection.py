@@ -12,8 +12,8 @@ import torch
 from advgkl.checkpoint import default_weights, load_checkpoint, save_checkpoint
 from advgkl.cli import main
 from advgkl.config import load_config
-from advgkl.eval_job import selection_of
-from advgkl.train import train
+from advgkl.evaluation.job import selection_of
+from advgkl.training.loop import train
 
 ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"

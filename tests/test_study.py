@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from advgkl.errors import UserError
-from advgkl.study import load_study
+from advgkl.evaluation.sanity import findings
+from advgkl.studies.study import load_study
 
 ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "configs" / "demo" / "digits_gkl.yaml"
@@ -100,6 +101,7 @@ def test_study_runs_resumes_after_sigkill_skips_finished_runs_and_aggregates_exa
         runs = {row["run"]: row for row in csv.DictReader(f)}
     record = json.loads((out / "results" / "digits" / "Linf" / "gkl-s0.detailed.json").read_text())
     assert int(runs["gkl-s0"]["sanity_flags"]) == record["sanity"]["flags"]
+    assert runs["gkl-s0"]["sanity_flagged"] == "; ".join(findings(record["sanity"]["rows"]))
     assert runs["gkl-s0"]["co_events"] != "" and runs["gkl-s0"]["machine"] == record["machine"]
     assert f"Machine: {record['machine']}" in (out / "summary.md").read_text()
 
@@ -125,6 +127,7 @@ def test_a_teacher_is_trained_first_then_distilled_and_has_its_own_row(tmp_path)
     assert [line.split(",")[0] for line in summary[1:]] == ["teacher", "rslad"]
 
 
+@pytest.mark.slow
 def test_concurrent_run_tasks_keep_each_others_failures(tmp_path):
     """Cluster tasks (`--run`) that fail at the same time each record their own failure."""
     path = write_study(tmp_path, {**TINY, "rows": [TINY["rows"][2]]})   # broken-s0, broken-s1
@@ -133,7 +136,7 @@ def test_concurrent_run_tasks_keep_each_others_failures(tmp_path):
                               text=True) for name in ("broken-s0", "broken-s1")]
     for proc in procs:
         assert proc.wait() == 2 and "training failed" in proc.stderr.read()
-    from advgkl.study import failures
+    from advgkl.studies.study import failures
     study = load_study(path, tmp_path / "studies" / "tiny")
     assert sorted(failures(study)) == ["broken-s0", "broken-s1"]
 

@@ -8,22 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import advgkl.train as train_mod
-import advgkl.train_data as train_data
-from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
-from advgkl.config import load_config
-from advgkl.data import NUM_CLASSES, Split, carve_validation
-from advgkl.ema import WeightEMA
-from advgkl.errors import UserError
-from advgkl.folders import FOLDER_DATASETS
-from advgkl.leaderboard import sha256_file
-from advgkl.methods import METHODS
-from advgkl.models import create_model
-from advgkl.objectives import Objective
-from advgkl.runlog import read_metrics
-from advgkl.train import TrainingError, learning_rate, train
 from trees import imagenet_tree
+
+import advgkl.data.train_data as train_data
+import advgkl.training.loop as train_mod
+from advgkl.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint, sha256_file
+from advgkl.config import load_config
+from advgkl.config.methods import METHODS
+from advgkl.data.folders import FOLDER_DATASETS
+from advgkl.data.tensors import NUM_CLASSES, Split, carve_validation
+from advgkl.errors import UserError
+from advgkl.methods.objectives import Objective
+from advgkl.models import create_model
+from advgkl.runlog import read_metrics
+from advgkl.training.build import build_attack
+from advgkl.training.ema import WeightEMA
+from advgkl.training.loop import TrainingError, train
+from advgkl.training.schedules import learning_rate
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "studies")
@@ -190,6 +191,7 @@ RESUME_OVERRIDES = ["train.epochs=3", "train.ema_start_epoch=2", "attack.steps=2
                     "train.epoch_avg_tau=0.9", "train.epoch_avg_start=2"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_an_epoch_boundary_then_resume_is_bit_identical(tmp_path):
     overrides = [o.format(out=tmp_path) for o in RESUME_OVERRIDES]
     full = run_cli("train", str(DEMO), *overrides, "run.name=full")
@@ -239,7 +241,7 @@ def test_demo_learns_robustness_that_plain_training_lacks(tmp_path, demo_run):
 
 @pytest.mark.parametrize("exempt", [False, True])
 def test_optimizer_weight_decay_groups(exempt):
-    from advgkl.step import build_optimizer
+    from advgkl.training.step import build_optimizer
 
     model = create_model("small-cnn", 10)
     cfg = load_config(DEMO, [f"train.no_decay_bn_bias={str(exempt).lower()}",
@@ -283,7 +285,7 @@ def test_data_options_that_cannot_work_are_refused(tmp_path, overrides, message)
 
 def crash_after_epoch_1(cfg, run_dir, monkeypatch):
     """Train `cfg` into `run_dir` and crash it right after epoch 1's last.pt and metrics row."""
-    def crash(self):
+    def crash(self, **kwargs):  # RunLog.plot(self, *, final=False)
         raise RuntimeError("crash")
 
     monkeypatch.setattr(train_mod.RunLog, "plot", crash)
@@ -327,14 +329,14 @@ def test_build_attack_gives_the_authors_attack_per_dataset(path):
     ones with KL; every other config with its method's own attack; the ramped budget of the
     paper's schedule."""
     cfg = load_config(path)
-    attack = train_mod.build_attack(cfg, 1)
+    attack = build_attack(cfg, 1)
     if cfg.data.dataset == "cifar100" and cfg.loss.method in ("gkl", "ikl"):
         assert (attack.objective, attack.alpha, attack.beta, attack.gamma) == ("gkl", 1, 1, 1)
     else:
         assert attack.objective == METHODS[cfg.loss.method].attack
     assert attack.random_start == cfg.attack.random_start
     if cfg.attack.schedule == "paper_effective":
-        last = train_mod.build_attack(cfg, cfg.train.epochs)
+        last = build_attack(cfg, cfg.train.epochs)
         assert (last.eps, last.step_size, last.steps) == (8 / 255, 4 / 255, 5)
         assert attack.eps == pytest.approx(8 / 255 / cfg.train.epochs)
 

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-import advgkl.eval_job as eval_job
+import advgkl.evaluation.job as eval_job
+from advgkl.checkpoint import sha256_file
 from advgkl.cli import main
 from advgkl.compat import import_robustbench
-from advgkl.data import Split
-from advgkl.leaderboard import sha256_file
+from advgkl.data.tensors import Split
 
 robustbench = import_robustbench()  # registers the autoattack adapter first
 from robustbench.model_zoo.architectures.wide_resnet import WideResNet  # noqa: E402

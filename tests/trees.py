@@ -8,7 +8,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from advgkl.folders import imagenet_point_ids, imagenet_wnids
+from advgkl.data.folders import imagenet_point_ids, imagenet_wnids
 
 
 def write_jpeg(path: Path, label: int, rng: np.random.Generator, size=(40, 48)) -> None:

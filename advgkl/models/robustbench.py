@@ -6,10 +6,11 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from advgkl.checkpoint import CheckpointError, model_from_checkpoint
+from advgkl.checkpoint import CheckpointError
 from advgkl.compat import import_robustbench
 from advgkl.models import WRN_PATTERN, dm_normalization
 from advgkl.models.imagenet import CONVSTEM, IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX, import_timm
+from advgkl.models.loading import model_from_checkpoint
 
 
 def _imagenet_constructor(arch: str, num_classes: int, kwargs: Mapping[str, Any]) -> str | None:
