@@ -1,9 +1,18 @@
-"""Make `robustbench` (1.1.1, from PyPI) importable without fra31's unpublished `autoattack`.
+"""Dependencies that need a hand on today's releases.
 
-robustbench imports `autoattack.AutoAttack` and `autoattack.state.EvaluationState`. When no real
-`autoattack` package is installed, `install_autoattack_adapter()` registers `advgkl.legacy_autoattack`
-(the legacy API over PyPI's `pyautoattack`) under that name; a real package is left untouched.
-`pkg_resources`, which robustbench also imports, comes from the pinned setuptools (< 81).
+- `robustbench` (1.1.1, from PyPI) imports fra31's unpublished `autoattack`
+  (`autoattack.AutoAttack`, `autoattack.state.EvaluationState`). When no real `autoattack` package
+  is installed, `install_autoattack_adapter()` registers `advgkl.legacy_autoattack` (the legacy
+  API over PyPI's `pyautoattack`) under that name; a real package is left untouched.
+  `pkg_resources`, which robustbench also imports, comes from the pinned setuptools (< 81).
+- `imagecorruptions` (1.1.2, 2020; Hendrycks & Dietterich's corruption code) calls two APIs that
+  its dependencies removed since: `np.float_` (NumPy 2.0; its fog) and scikit-image's
+  `gaussian(..., multichannel=True)` (now `channel_axis=-1`; its glass blur); and its impulse
+  noise calls `skimage.util.random_noise`, which since scikit-image 0.19 draws from a generator
+  of its own, unseeded, so no seed made a copy reproducible. `import_imagecorruptions()` gives
+  its corruption module the two names back and hands random_noise a seed drawn from NumPy's
+  global stream (which the caller seeds), in that module only; its code runs otherwise as
+  published.
 """
 
 from __future__ import annotations
@@ -13,6 +22,9 @@ import importlib.util
 import sys
 import warnings
 from types import ModuleType
+from typing import Any
+
+from advgkl.errors import UserError
 
 
 def real_autoattack_installed() -> bool:
@@ -42,3 +54,64 @@ def import_robustbench() -> ModuleType:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
         return importlib.import_module("robustbench")
+
+
+class _NumpyWithFloat_:
+    """numpy, with the `float_` alias NumPy 2.0 removed (= float64), for one module's globals."""
+
+    def __getattr__(self, name: str) -> Any:
+        import numpy
+
+        return numpy.float64 if name == "float_" else getattr(numpy, name)
+
+
+def _gaussian(image: Any, sigma: Any = 1, multichannel: bool | None = None, **kw: Any) -> Any:
+    """scikit-image's gaussian, taking the `multichannel=True` of releases before 0.19."""
+    from skimage.filters import gaussian
+
+    if multichannel:
+        kw["channel_axis"] = -1
+    return gaussian(image, sigma=sigma, **kw)
+
+
+class _SkimageSeededNoise:
+    """skimage, whose util.random_noise takes its seed from NumPy's global stream."""
+
+    def __getattr__(self, name: str) -> Any:
+        import skimage
+
+        return _SeededUtil() if name == "util" else getattr(skimage, name)
+
+
+class _SeededUtil:
+    def __getattr__(self, name: str) -> Any:
+        import skimage.util
+
+        return getattr(skimage.util, name)
+
+    @staticmethod
+    def random_noise(image: Any, **kw: Any) -> Any:
+        import numpy
+        import skimage.util
+
+        return skimage.util.random_noise(image, rng=numpy.random.randint(2 ** 31), **kw)
+
+
+def import_imagecorruptions() -> ModuleType:
+    """`imagecorruptions` with its corruption module given `np.float_`, the old `gaussian`
+    signature and a seeded random_noise; a missing package is one line naming the extra that
+    installs it."""
+    try:
+        with warnings.catch_warnings():  # its pkg_resources import's deprecation notice
+            warnings.simplefilter("ignore")
+            module = importlib.import_module("imagecorruptions")
+    except ImportError as exc:
+        raise UserError(f"advgkl data corrupt needs imagecorruptions ({exc}); install it with "
+                        "pip install 'advgkl[corruptions]'") from None
+    corruptions = module.corruptions
+    if not getattr(corruptions, "_advgkl_compat", False):
+        corruptions.np = _NumpyWithFloat_()
+        corruptions.sk = _SkimageSeededNoise()
+        corruptions.gaussian = _gaussian
+        corruptions._advgkl_compat = True
+    return module

@@ -108,8 +108,14 @@ def test_study_runs_resumes_after_sigkill_skips_finished_runs_and_aggregates_exa
 
 @pytest.mark.slow
 def test_a_teacher_is_trained_first_then_distilled_and_has_its_own_row(tmp_path):
+    """... and every run is scored on a corrupted copy of the test digits too."""
+    from advgkl.data.corrupting import corrupt_dataset
+
+    corrupt_dataset(dataset="digits", root="data", out=tmp_path / "digits-C",
+                    corruptions=["fog", "contrast"], n=20, progress=False)
     tree = {**TINY, "seeds": [0], "checkpoint": "last.pt",
-            "eval": {"n_examples": 20, "eps": "32/255", "batch_size": 20, "quick": "pgd-2"},
+            "eval": {"n_examples": 20, "eps": "32/255", "batch_size": 20, "quick": "pgd-2",
+                     "corruptions": "digits-C"},
             "teacher": {"name": "teacher", "overrides": ["model.arch=wrn-10-1"]},
             "rows": [{"name": "rslad", "overrides": ["loss.method=rslad",
                                                      "distill.teacher={teacher}"]}]}
@@ -125,6 +131,14 @@ def test_a_teacher_is_trained_first_then_distilled_and_has_its_own_row(tmp_path)
     assert f"teacher: {teacher}" in (runs / "rslad-s0" / "train.log").read_text()
     summary = (tmp_path / "studies" / "tiny" / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == ["teacher", "rslad"]
+    with open(tmp_path / "studies" / "tiny" / "runs.csv", newline="") as f:
+        runs = {row["run"]: row for row in csv.DictReader(f)}
+    record = json.loads((tmp_path / "studies" / "tiny" / "results" / "digits" / "corruptions" /
+                         "rslad-s0.generated-partial.json").read_text())
+    assert float(runs["rslad-s0"]["corruptions_acc"]) == record["corruptions_acc"]
+    assert runs["rslad-s0"]["worst_corruption"] == record["worst_corruption"]["corruption"]
+    assert "corruptions (mean)" in (tmp_path / "studies" / "tiny" / "summary.md").read_text()
+    assert (tmp_path / "studies" / "tiny" / "corruptions_rslad.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -132,13 +133,35 @@ def _meta(args: argparse.Namespace) -> dict:
             "reported": args.reported, "footnote": args.footnote}
 
 
+LP_BOARDS = ("Linf", "L2")
+
+
+def _boards(args: argparse.Namespace) -> list[str]:
+    """The boards to score: --threat's (in order), else --norm's Lp board; options that a board
+    does not take are refused before anything runs."""
+    if args.threat and args.norm:
+        raise UserError("--norm and --threat: give the boards with --threat only")
+    boards = list(dict.fromkeys(args.threat or [args.norm or "Linf"]))
+    lp = [b for b in boards if b in LP_BOARDS]
+    if args.eps and not lp:
+        raise UserError("--eps: the corruption boards have no eps (RobustBench's corruptions "
+                        "model_info holds eps null); add --threat Linf or L2 to use it")
+    if args.eps and len(lp) > 1:
+        raise UserError("--eps: one size cannot serve both Linf and L2; score them one at a time")
+    if (args.corruptions_dir or args.corruptions) and len(lp) == len(boards):
+        raise UserError("--corruptions-dir and --corruptions are for --threat corruptions or "
+                        "corruptions_3d")
+    return boards
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from advgkl.config import parse_number
-    from advgkl.evaluation.job import EvalJob, parse_shard, run_eval_job
+    from advgkl.evaluation.job import EvalJob, parse_shard
 
+    boards = _boards(args)
     job = EvalJob(
         checkpoint=args.checkpoint, dataset=args.dataset, n_examples=args.n_examples,
-        eps=parse_number("--eps", args.eps) if args.eps else None, norm=args.norm,
+        eps=parse_number("--eps", args.eps) if args.eps else None, norm="Linf",
         version=args.version,
         attacks=args.attacks.split(",") if args.attacks else None, quick=args.quick,
         batch_size=None if args.batch_size == "auto" else args.batch_size, seed=args.seed,
@@ -149,7 +172,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         robustbench=args.robustbench, model_dir=args.model_dir, precision=args.precision,
         channels_last=args.channels_last, compile=args.compile,
         cudnn_benchmark=args.cudnn_benchmark, compare_with=args.compare_with,
-        sanity=args.sanity)
+        sanity=args.sanity, corruptions_dir=args.corruptions_dir,
+        corruptions=args.corruptions.split(",") if args.corruptions else None)
+    for board in boards:
+        state = f"{args.state}.{board}" if args.state and len(boards) > 1 else args.state
+        if board in LP_BOARDS:
+            _eval_lp(replace(job, norm=board, state=state), args)
+        else:
+            _eval_corruptions(replace(job, norm="corruptions", state=state), board)
+    return 0
+
+
+def _eval_lp(job, args: argparse.Namespace) -> None:
+    from advgkl.evaluation.job import run_eval_job
+
     result, paths = run_eval_job(job)
     steps = ", ".join(f"{a['attack']} {100 * a['robust'] / result.n_examples:.2f}%"
                       for a in result.per_attack)
@@ -169,10 +205,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if worst is not None:
         print(f"worst class: {worst['class']}, robust {100 * worst['robust_acc']:.2f}% "
               f"(clean {100 * worst['clean_acc']:.2f}%) of its {worst['n']} points")
+    _wrote(paths)
+
+
+def _eval_corruptions(job, board: str) -> None:
+    from advgkl.evaluation.corruption_job import run_corruption_job
+
+    result, paths = run_corruption_job(job, board)
+    per = result.per_corruption()
+    worst = min(per, key=per.get)
+    mce = result.mce()
+    print(f"{result.label}: clean {100 * result.clean_acc:.2f}%, mean over "
+          f"{len(result.cells)} cells {100 * result.corruptions_acc:.2f}%"
+          + (f", mCE {100 * mce:.2f}%" if mce is not None else "")
+          + f" on {result.n_examples} points; worst corruption {worst} {100 * per[worst]:.2f}%")
+    _wrote(paths)
+
+
+def _wrote(paths: dict) -> None:
     for path in paths.values():
         if path.exists():
             print(f"wrote {path}")
-    return 0
 
 
 def _record(paths: dict) -> dict:
@@ -188,26 +241,49 @@ def _zoo_leaderboard(paths: dict) -> dict | None:
 
 
 def _cmd_eval_merge(args: argparse.Namespace) -> int:
+    from advgkl.evaluation import corruption_job
     from advgkl.evaluation.job import merge_shard_files, output_paths, read_record
 
     name = args.model_name or Path(args.shards[0]).name.split(".shard-")[0]
     check_plain_name(name, "--model-name")
     first = read_record(Path(args.shards[0]))
+    shards = [Path(p) for p in args.shards]
+    board = first["result"].get("threat")
+    if board:   # a corruption board's shards
+        out_dir = Path(args.out) / first["dataset"] / board
+        paths = corruption_job.output_paths(out_dir, name, first["kind"], None)
+        corruption = corruption_job.merge_files(shards, paths, _meta(args))
+        print(f"merged {len(shards)} shards: clean {100 * corruption.clean_acc:.2f}%, mean over "
+              f"the cells {100 * corruption.corruptions_acc:.2f}% on {corruption.n_examples} "
+              "points")
+        return 0
     out_dir = Path(args.out) / first["dataset"] / first["result"]["norm"]
     paths = output_paths(out_dir, name, first["kind"], None)
     paths.pop("log", None)
-    result = merge_shard_files([Path(p) for p in args.shards], paths, _meta(args))
-    print(f"merged {len(args.shards)} shards: clean {100 * result.clean_acc:.2f}%, robust "
+    result = merge_shard_files(shards, paths, _meta(args))
+    print(f"merged {len(shards)} shards: clean {100 * result.clean_acc:.2f}%, robust "
           f"{100 * result.robust_acc:.2f}% on {result.n_examples} points")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from advgkl.evaluation.leaderboard import export_submission
+    from advgkl.evaluation.export import export_submission
 
     weights = export_submission(args.checkpoint, args.eval, args.out,
-                                allow_partial=args.allow_partial)
+                                allow_partial=args.allow_partial, threat=args.threat)
     print(f"wrote the RobustBench submission bundle to {weights.parent}")
+    return 0
+
+
+def _cmd_data_corrupt(args: argparse.Namespace) -> int:
+    from advgkl.data.corrupting import corrupt_dataset
+    from advgkl.evaluation.corruptions import CORRUPTIONS
+
+    index = corrupt_dataset(dataset=args.dataset, root=args.root, out=args.out,
+                            corruptions=(args.corruptions.split(",") if args.corruptions
+                                         else list(CORRUPTIONS)), n=args.n, seed=args.seed)
+    print(f"wrote {index.parent} (and {index.name}: generated, NOT the released sets); evaluate "
+          f"with advgkl eval CHECKPOINT --threat corruptions --corruptions-dir {index.parent}")
     return 0
 
 
@@ -220,9 +296,9 @@ def _cmd_data_shards(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"config": _cmd_config, "train": _cmd_train, "data convert": _cmd_data_convert,
-            "data shards": _cmd_data_shards, "eval": _cmd_eval, "eval-merge": _cmd_eval_merge,
-            "export": _cmd_export, "study": _cmd_study, "average": _cmd_average,
-            "import-checkpoint": _cmd_import_checkpoint}
+            "data shards": _cmd_data_shards, "data corrupt": _cmd_data_corrupt, "eval": _cmd_eval,
+            "eval-merge": _cmd_eval_merge, "export": _cmd_export, "study": _cmd_study,
+            "average": _cmd_average, "import-checkpoint": _cmd_import_checkpoint}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,9 +61,9 @@ def _train(commands, func: Handler) -> None:
     train.set_defaults(func=func)
 
 
-def _data(commands, convert: Handler, shards: Handler) -> None:
-    data = commands.add_parser("data", help="prepare training data (generated files, shards)",
-                               description="Prepare training data.")
+def _data(commands, convert: Handler, shards: Handler, corrupt_handler: Handler) -> None:
+    data = commands.add_parser("data", help="prepare data (generated files, shards, corrupted "
+                                            "copies)", description="Prepare data.")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     conv = data_commands.add_parser(
         "convert", help="stream an .npz (image, label) into a folder of .npy files",
@@ -86,6 +86,26 @@ def _data(commands, convert: Handler, shards: Handler) -> None:
                        help="imagenet: the class folders must be ImageNet's 1000 wnids")
     shard.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     shard.set_defaults(func=shards)
+    corrupt = data_commands.add_parser(
+        "corrupt", help="a corrupted copy of a data set's test points (imagecorruptions)",
+        description="Corrupt the test points of --dataset (the digits, CIFAR-10/100; or ROOT/val "
+                    "of an image folder, RobustBench's 5,000 ImageNet points) with every "
+                    "corruption at severities 1-5 using the imagecorruptions package, in the "
+                    "released sets' layouts (.npy blocks, or severity folders), with "
+                    "OUT/index.json labelling the copy as generated: NOT the released sets, not "
+                    "comparable to RobustBench's board. Needs pip install 'advgkl[corruptions]'. "
+                    "The digits (16 px) are corrupted at 32 px and stored back at 16 px. A "
+                    "stopped copy continues when rerun with the same options.")
+    corrupt.add_argument("root", metavar="ROOT", nargs="?", default="data",
+                         help="the data root: torchvision's folder, or an image folder's ROOT")
+    corrupt.add_argument("--dataset", required=True,
+                         choices=("digits", "cifar10", "cifar100", "imagenet", "folder"))
+    corrupt.add_argument("--out", required=True, help="the new folder (e.g. data/digits-C)")
+    corrupt.add_argument("--n", type=int, help="the first N test points (default: all; "
+                                               "ImageNet: 5,000)")
+    corrupt.add_argument("--corruptions", help="comma-separated (default: RobustBench's 15)")
+    corrupt.add_argument("--seed", type=int, default=0)
+    corrupt.set_defaults(func=corrupt_handler)
 
 
 def _eval(commands, func: Handler) -> None:
@@ -109,7 +129,20 @@ def _eval(commands, func: Handler) -> None:
                     help="default: 5,000 on ImageNet (RobustBench's), else 10,000")
     ev.add_argument("--eps", help="e.g. 8/255 (Linf) or 0.5 (L2); default 4/255 on ImageNet, "
                                   "else 8/255")
-    ev.add_argument("--norm", choices=("Linf", "L2"), default="Linf")
+    ev.add_argument("--norm", choices=("Linf", "L2"),
+                    help="the Lp board (default Linf); or give the boards with --threat")
+    ev.add_argument("--threat", action="append", metavar="BOARD",
+                    choices=("Linf", "L2", "corruptions", "corruptions_3d"),
+                    help="RobustBench's board: Linf, L2 (AutoAttack), corruptions (CIFAR-10-C, "
+                         "CIFAR-100-C, ImageNet-C; a generated copy for other data) or "
+                         "corruptions_3d (ImageNet-3DCC); repeat it to score several boards "
+                         "in one command, each with its own records")
+    corr = ev.add_argument_group("corruption boards")
+    corr.add_argument("--corruptions-dir", metavar="DIR",
+                      help="the corrupted sets (default: DATA_ROOT/CIFAR-10-C, CIFAR-100-C, "
+                           "ImageNet-C, ImageNet-3DCC or digits-C)")
+    corr.add_argument("--corruptions", metavar="A,B",
+                      help="only these corruptions: a partial, NON-STANDARD evaluation")
     ev.add_argument("--version", choices=("standard", "plus", "rand", "custom"),
                     default="standard")
     ev.add_argument("--attacks", help="comma-separated, with --version custom")
@@ -174,8 +207,13 @@ def _export(commands, func: Handler) -> None:
                     "(verified), its sha256, the model_info JSON, the model-zoo entry and the "
                     "New Model issue text.")
     export.add_argument("checkpoint", metavar="CHECKPOINT")
-    export.add_argument("--eval", required=True, metavar="NAME.json",
-                        help="the model_info JSON `advgkl eval` wrote for this checkpoint")
+    export.add_argument("--eval", required=True, metavar="NAME.json", action="append",
+                        help="the model_info JSON `advgkl eval` wrote for this checkpoint; on "
+                             "ImageNet give the corruptions and corruptions_3d records both to "
+                             "merge them into one model_info")
+    export.add_argument("--threat", choices=("Linf", "L2", "corruptions"),
+                        help="the board the bundle is for (default: the record's); a record of "
+                             "another board is refused")
     export.add_argument("--out", required=True, help="empty or new folder")
     export.add_argument("--allow-partial", action="store_true",
                         help="export an evaluation on fewer points than the leaderboard's "
@@ -241,7 +279,7 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _config(commands, handlers["config"])
     _train(commands, handlers["train"])
-    _data(commands, handlers["data convert"], handlers["data shards"])
+    _data(commands, handlers["data convert"], handlers["data shards"], handlers["data corrupt"])
     _eval(commands, handlers["eval"])
     _eval_merge(commands, handlers["eval-merge"])
     _export(commands, handlers["export"])

@@ -114,23 +114,25 @@ def check_same_classes(classes: Sequence[str], folder: Path, what: str) -> None:
                         f"{len(other)}; e.g. {', '.join(differ)}): labels would not agree")
 
 
-def evaluation_points(root: str | Path, dataset: str, n: int) -> list[tuple[str, int]]:
+def evaluation_points(root: str | Path, dataset: str, n: int,
+                      split: str = "val") -> list[tuple[str, int]]:
     """The first `n` evaluation points as (path, label): RobustBench's ids for imagenet, the
-    images of ROOT/val in sorted order for folder."""
-    val = Path(root) / "val"
+    images of ROOT/`split` in sorted order for folder (split: val, or a corruption's severity
+    folder, ImageNet-C/<corruption>/<severity>)."""
+    val = Path(root) / split
     if dataset == "imagenet":
         if n > IMAGENET_POINTS:
             raise UserError(f"--n-examples {n}: RobustBench's ImageNet evaluation has at most "
                             f"{IMAGENET_POINTS} points")
-        scan(root, "val", dataset)  # the folder and its 1,000 class folders
+        scan(root, split, dataset)  # the folder and its 1,000 class folders
         index = {wnid: label for label, wnid in enumerate(imagenet_wnids())}
         points = [(str(val / pid), index[pid.split("/")[0]]) for pid in imagenet_point_ids()[:n]]
         missing = [p for p, _ in points if not os.path.isfile(p)]
         if missing:
             raise UserError(f"{missing[0]}: missing ({len(missing)} of the first {n} RobustBench "
-                            "ImageNet points are missing from the val folder)")
+                            f"ImageNet points are missing from {val})")
         return points
-    tree = scan(root, "val", dataset)
+    tree = scan(root, split, dataset)
     if n > len(tree.samples):
         raise UserError(f"--n-examples {n} is more than the {len(tree.samples)} images of {val}")
     return tree.samples[:n]

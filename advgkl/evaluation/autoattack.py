@@ -174,8 +174,8 @@ def _checks_already_run(n_classes: int) -> Iterator[None]:
 
 def plain_model(model: nn.Module) -> nn.Module:
     """The network behind the speed wrappers (torch.compile's module, the bf16 screening)."""
-    while isinstance(model, _Bf16Model) or hasattr(model, "_orig_mod"):
-        model = model.model if isinstance(model, _Bf16Model) else model._orig_mod
+    while isinstance(model, Bf16Model) or hasattr(model, "_orig_mod"):
+        model = model.model if isinstance(model, Bf16Model) else model._orig_mod
     return model
 
 
@@ -208,7 +208,7 @@ def _run_checks(adversary, x: Tensor, y: Tensor, batch_size: int) -> int:
     return n_classes
 
 
-def _fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
+def fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
     """sha256 over each name and the raw bytes of its tensor, in order."""
     import hashlib
 
@@ -220,7 +220,7 @@ def _fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
@@ -238,7 +238,7 @@ def _load_state(path: Path | None, settings: dict) -> dict:
     return state
 
 
-class _Bf16Model(nn.Module):
+class Bf16Model(nn.Module):
     """The network under bf16 autocast, its logits handed back in fp32: AutoAttack's own
     arithmetic (losses, step sizes, Square's buffers) stays as written."""
 
@@ -291,17 +291,17 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
     state_path = Path(state_path) if state_path is not None else None
     settings = {"v": STATE_VERSION, "n": len(y), "eps": eps, "norm": norm, "version": version,
                 "attacks": attacks, "seed": seed, "batch_size": batch_size,
-                "data": _fingerprint([("", x), ("", y)]),
+                "data": fingerprint([("", x), ("", y)]),
                 # the weights too: a state file never continues another model
-                "model": _fingerprint(model.state_dict().items()),
+                "model": fingerprint(model.state_dict().items()),
                 "precision": precision}
     state = _load_state(state_path, settings)
     if precision == "bf16":
-        model = _Bf16Model(model, device.type)
+        model = Bf16Model(model, device.type)
 
     def save() -> None:
         if state_path is not None:
-            _write_json(state_path, state)
+            write_json(state_path, state)
 
     adversary = pyautoattack.AutoAttack(model, attacks=attacks if version == "custom" else None,
                                         device=device, eps=eps, norm=norm, seed=seed,

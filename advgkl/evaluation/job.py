@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,8 @@ class EvalJob:
     cudnn_benchmark: bool = False
     compare_with: str | None = None     # a detailed record of the same points: list differing flags
     sanity: int = 0                     # run the sanity battery on the first N points first
+    corruptions_dir: str | None = None  # corruption boards: the sets (default DATA/<its folder>)
+    corruptions: list[str] | None = None  # corruption boards: a subset (a partial evaluation)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -83,7 +85,55 @@ def _torchrun_shard() -> tuple[int, int] | None:
     return (int(os.environ["RANK"]), world) if world > 1 else None
 
 
-def _device(name: str) -> torch.device:
+@dataclass
+class ShardPlan:
+    """Which points this process evaluates: [first, end) of shard `shard` (None: all), with its
+    own state file; under torchrun the process group is joined here."""
+
+    shard: tuple[int, int] | None
+    first: int
+    end: int
+    state: str | None
+
+
+def plan_shard(job: EvalJob, n: int) -> ShardPlan:
+    shard = job.shard or _torchrun_shard()
+    state = job.state
+    if shard and state:
+        state = f"{state}.shard-{shard[0]}-of-{shard[1]}"
+    if shard and job.shard is None and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(hours=48))  # a shard of AutoAttack takes hours
+    if not shard:
+        return ShardPlan(None, 0, n, state)
+    return ShardPlan(shard, shard[0] * n // shard[1], (shard[0] + 1) * n // shard[1], state)
+
+
+def refuse_existing(paths: Sequence[Path]) -> None:
+    for path in paths:
+        if path.exists():
+            raise UserError(f"{path} already exists; pick another --model-name or --out "
+                            "(nothing was overwritten)")
+
+
+def finish_shard(plan: ShardPlan, record: dict, paths: dict[str, Path], out_dir: Path, name: str,
+                 merge: Callable[[list[Path]], Any]) -> Any:
+    """Write this shard's record; under torchrun rank 0 then merges every shard's with `merge`
+    (returning its result; None on the other ranks and without torchrun)."""
+    write_new(paths["shard"], json.dumps(record, indent=2) + "\n")
+    if not dist.is_initialized():
+        return None
+    dist.barrier()
+    merged = None
+    if dist.get_rank() == 0:
+        merged = merge([out_dir / f"{name}.shard-{i}-of-{plan.shard[1]}.json"
+                        for i in range(plan.shard[1])])
+    dist.barrier()
+    dist.destroy_process_group()
+    return merged
+
+
+def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is available")
     if name != "auto":
@@ -195,7 +245,7 @@ def partial_log(log: Path) -> Path:
     return log.with_name(log.name + ".partial")
 
 
-def _subject(job: EvalJob) -> Subject:
+def load_subject(job: EvalJob) -> Subject:
     """The model to evaluate and its description: an advgkl checkpoint's weights, or a RobustBench
     zoo entry loaded by RobustBench."""
     if job.robustbench is not None:
@@ -228,7 +278,8 @@ def _subject(job: EvalJob) -> Subject:
                    preprocessing=data.get("preprocessing"), data_root=root)
 
 
-def _points(job: EvalJob, subject: Subject, first: int, end: int) -> tuple[Tensor, Tensor, dict]:
+def read_test_points(job: EvalJob, subject: Subject, first: int, end: int
+                     ) -> tuple[Tensor, Tensor, dict]:
     """Points [first, end) of the test set: floats for the in-memory sets, uint8 after the
     model's preprocessing for image folders; and what the records say about them."""
     dataset = subject.dataset
@@ -256,35 +307,23 @@ def _points(job: EvalJob, subject: Subject, first: int, end: int) -> tuple[Tenso
 def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     """Evaluate (one shard of) a checkpoint and write its records."""
     check_job(job)
-    subject = _subject(job)
-    device = _device(job.device)
+    subject = load_subject(job)
+    device = resolve_device(job.device)
     model, dataset = subject.model.to(device).eval(), subject.dataset
     default_eps = (4 if dataset == "imagenet" else 8) / 255
     job = replace(job, eps=default_eps if job.eps is None else job.eps,
                   n_examples=job.n_examples or default_points(dataset, subject.data_root))
-    shard = job.shard or _torchrun_shard()
-    if job.compare_with and shard:
+    if job.compare_with and (job.shard or _torchrun_shard()):
         raise UserError("--compare-with compares whole evaluations; compare the merged record")
-    state = job.state
-    if shard and state:
-        state = f"{state}.shard-{shard[0]}-of-{shard[1]}"
-    if shard and job.shard is None and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=timedelta(hours=48))  # a shard of AutoAttack takes hours
-    first, end = 0, job.n_examples
-    if shard:
-        first, end = (shard[0] * job.n_examples // shard[1],
-                      (shard[0] + 1) * job.n_examples // shard[1])
+    plan = plan_shard(job, job.n_examples)
+    shard, first, end, state = plan.shard, plan.first, plan.end, plan.state
     name = job.model_name or subject.name
     out_dir = Path(job.out) / dataset / job.norm
     kind = job.quick or (job.version if job.precision == "fp32" else f"{job.version}-bf16")
     paths = output_paths(out_dir, name, kind, shard)
     final = output_paths(out_dir, name, kind, None)
-    for path in (*paths.values(), *(final.values() if job.shard is None else ())):
-        if path.exists():
-            raise UserError(f"{path} already exists; pick another --model-name or --out "
-                            "(nothing was overwritten)")
-    x, y, points = _points(job, subject, first, end)  # read before anything is written
+    refuse_existing([*paths.values(), *(final.values() if job.shard is None else ())])
+    x, y, points = read_test_points(job, subject, first, end)  # read before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     log = paths.get("log")
     if log is not None and not (state and Path(state).exists()):
@@ -312,16 +351,10 @@ def run_eval_job(job: EvalJob) -> tuple[EvalResult, dict[str, Path]]:
     if shard is None:
         write_records(result, detailed, paths, job.meta)
         return result, paths
-    write_new(paths["shard"], json.dumps(detailed, indent=2) + "\n")
-    if not dist.is_initialized():
-        return result, paths
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shard_files = [out_dir / f"{name}.shard-{i}-of-{shard[1]}.json" for i in range(shard[1])]
-        result = merge_shard_files(shard_files, final, job.meta)
-    dist.barrier()
-    dist.destroy_process_group()
-    return result, final
+    torchrun = dist.is_initialized()
+    merged = finish_shard(plan, detailed, paths, out_dir, name,
+                          lambda files: merge_shard_files(files, final, job.meta))
+    return (merged or result, final) if torchrun else (result, paths)
 
 
 def compare_flags(result: EvalResult, reference: str) -> dict[str, Any]:

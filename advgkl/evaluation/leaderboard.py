@@ -1,17 +1,15 @@
-"""RobustBench records: the model_info JSON, the detailed result JSON, and the submission bundle."""
+"""RobustBench's Linf / L2 board: the model_info JSON, the detailed result JSON, and the
+submission bundle's zoo entry and New Model issue text (written by `advgkl.evaluation.export`)."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from advgkl import __version__
-from advgkl.checkpoint import sha256_file
-from advgkl.errors import UserError, check_plain_name
+from advgkl.errors import UserError
 from advgkl.evaluation.autoattack import EvalResult
 from advgkl.evaluation.sanity import autoattack_checks
 from advgkl.models import WRN_PATTERN
@@ -124,49 +122,3 @@ def new_model_issue(info: Mapping[str, Any], detailed: Mapping[str, Any], norm: 
 {per_attack}
 - **Checkpoint**: sha256 {detailed['checkpoint_sha256']}
 """
-
-
-def export_submission(checkpoint: str | os.PathLike, eval_json: str | os.PathLike,
-                      out_dir: str | os.PathLike, *, allow_partial: bool = False) -> Path:
-    """Write a RobustBench "New Model" bundle: the weights RobustBench's class loads strictly,
-    their sha256, model_info JSON, model-zoo entry and issue text. Returns the weights path."""
-    from advgkl.checkpoint import load_checkpoint
-    from advgkl.data.folders import crop_size
-    from advgkl.models.robustbench import export_for_robustbench, robustbench_constructor
-
-    eval_json = Path(eval_json)
-    check_plain_name(eval_json.stem, "--eval: the record's name, which the bundle's files take,")
-    detailed_path = eval_json.with_name(eval_json.stem + ".detailed.json")
-    if not eval_json.is_file() or not detailed_path.is_file():
-        raise UserError(f"{eval_json}: needs the model_info JSON and its {detailed_path.name} "
-                        "beside it, as `advgkl eval` writes them")
-    info, detailed = json.loads(eval_json.read_text()), json.loads(detailed_path.read_text())
-    if detailed["checkpoint_sha256"] != sha256_file(checkpoint):
-        raise UserError(f"{checkpoint} is not the checkpoint {eval_json.name} evaluated "
-                        "(sha256 differs)")
-    needed = leaderboard_points(detailed["dataset"])
-    partial = detailed["n_examples"] < needed
-    if partial and not allow_partial:
-        raise UserError(f"{eval_json.name} covers {detailed['n_examples']} points, RobustBench "
-                        f"needs {needed}; pass --allow-partial to export it marked partial")
-    out_dir, name = Path(out_dir), eval_json.stem
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} is not empty (nothing was overwritten)")
-    ckpt = load_checkpoint(checkpoint)
-    prep = (detailed.get("data") or {}).get("preprocessing")
-    state = export_for_robustbench(ckpt, weights=detailed["weights"],
-                                   image_size=crop_size(prep) if prep else 32)
-    if partial:
-        info = {**info, "footnote": (info.get("footnote") + " " if info.get("footnote") else "")
-                + f"PARTIAL: evaluated on {detailed['n_examples']} points."}
-    weights_path = out_dir / f"{name}.pt"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state, weights_path)
-    write_new(out_dir / f"{name}.pt.sha256", f"{sha256_file(weights_path)}  {name}.pt\n")
-    write_new(out_dir / f"{name}.json", json.dumps(info, indent=2) + "\n")
-    constructor = robustbench_constructor(ckpt["arch"], ckpt["num_classes"],
-                                          ckpt.get("arch_kwargs"))
-    write_new(out_dir / "model_zoo_entry.py", zoo_entry(name, constructor, info["dataset"], prep))
-    write_new(out_dir / "new_model_issue.md",
-              new_model_issue(info, detailed, detailed["result"]["norm"], partial))
-    return weights_path

@@ -18,7 +18,7 @@ from advgkl.compat import import_robustbench
 from advgkl.errors import UserError, first_line
 
 ZOO_DATASETS = ("cifar10", "cifar100", "imagenet")
-THREATS = ("Linf", "L2")
+THREATS = ("Linf", "L2", "corruptions")
 ZOO_PREFIX = "robustbench:"
 
 

@@ -15,11 +15,13 @@ from advgkl.runlog import read_metrics
 from advgkl.studies.study import Run, Study, failures, run_state
 
 METRICS = ("clean", "robust", "worst_class_robust", "check_clean", "check_robust",
-           "train_minutes", "images_per_s", "co_events", "sanity_flags")
+           "train_minutes", "images_per_s", "co_events", "sanity_flags", "corruptions_acc",
+           "worst_corruption_acc")
 _TITLES = {"clean": "clean", "robust": "robust", "worst_class_robust": "worst-class robust",
            "check_clean": "val clean", "check_robust": "val PGD",
            "train_minutes": "train min", "images_per_s": "img/s", "co_events": "CO events",
-           "sanity_flags": "sanity flags"}
+           "sanity_flags": "sanity flags", "corruptions_acc": "corruptions (mean)",
+           "worst_corruption_acc": "worst corruption"}
 _COUNTS = ("train_minutes", "images_per_s", "co_events", "sanity_flags")
 
 
@@ -51,6 +53,14 @@ def run_values(study: Study, run: Run) -> dict[str, Any]:
               **_verdicts(record, rows)}
     for attack in record["per_attack"]:
         values[f"after_{attack['attack']}"] = attack["robust_acc"]
+    corrupted = study.corruption_record(run)
+    if corrupted is not None:
+        c = json.loads(corrupted.read_text())
+        values.update(corruptions_acc=c["corruptions_acc"],
+                      worst_corruption_acc=c["worst_corruption"]["accuracy"],
+                      worst_corruption=c["worst_corruption"]["corruption"],
+                      corruption_cells=c["cell_accuracy"], corruption_clean=c["clean_acc"],
+                      corruption_names=c["result"]["corruptions"])
     return values
 
 
@@ -107,8 +117,10 @@ def write_report(study: Study) -> Path:
     label = next((v["label"] for v in done.values()), "no evaluation finished yet")
     attacks = sorted({k[:-5] for e in summary for k in e if k.startswith("after_") and
                       k.endswith("_mean")}, key=lambda a: _ATTACK_ORDER.get(a, 99))
-    columns = ["clean", "robust", *attacks, "worst_class_robust", "check_clean", "check_robust",
-               "train_minutes", "images_per_s", "co_events", "sanity_flags"]
+    corrupted = ["corruptions_acc", "worst_corruption_acc"] if study.eval.get("corruptions") \
+        else []
+    columns = ["clean", "robust", *attacks, "worst_class_robust", *corrupted, "check_clean",
+               "check_robust", "train_minutes", "images_per_s", "co_events", "sanity_flags"]
     with open(study.dir / "summary.csv", "w", newline="") as f:
         fields = ["row", "runs_done", "runs_total", "status",
                   *(f"{c}_{s}" for c in columns for s in ("mean", "std"))]
@@ -116,8 +128,8 @@ def write_report(study: Study) -> Path:
         writer.writeheader()
         writer.writerows(summary)
     with open(study.dir / "runs.csv", "w", newline="") as f:
-        fields = ["run", "row", "seed", *columns, "worst_class", "co_detail", "sanity_flagged",
-                  "machine"]
+        fields = ["run", "row", "seed", *columns, "worst_class", "worst_corruption", "co_detail",
+                  "sanity_flagged", "machine"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for run in study.runs:
@@ -140,6 +152,11 @@ def write_report(study: Study) -> Path:
     lines += _run_notes(study, done)
     lines += ["", "![robust vs clean](robust_vs_clean.png) ![per class](per_class.png) "
               "![curves](curves.png)", ""]
+    if corrupted:
+        lines += [f"Corruptions: {study.eval['corruptions']} (see its index.json); accuracy per "
+                  "corruption and severity, mean over seeds, per row:", "",
+                  " ".join(f"![{row}]({path.name})" for row, path in
+                           _corruption_heatmaps(study, done).items()), ""]
     (study.dir / "summary.md").write_text("\n".join(lines))
     _plots(study, summary, done)
     return study.dir / "summary.md"
@@ -159,6 +176,26 @@ def _run_notes(study: Study, done: dict[str, dict[str, Any]]) -> list[str]:
     if notes:
         lines += ["", "Per run (CO guard events; sanity checks flagged):", "", *notes]
     return lines
+
+
+def _corruption_heatmaps(study: Study, done: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    """One heatmap per row: each cell's accuracy, mean over the row's finished seeds."""
+    from advgkl.evaluation.corruption_records import heatmap
+
+    paths = {}
+    for row in study.rows:
+        runs = [done[r.name] for r in study.runs if r.row == row and r.name in done
+                and "corruption_cells" in done[r.name]]
+        if not runs:
+            continue
+        cells = {k: statistics.fmean(v["corruption_cells"][k] for v in runs)
+                 for k in runs[0]["corruption_cells"]}
+        clean = statistics.fmean(v["corruption_clean"] for v in runs)
+        paths[row] = study.dir / f"corruptions_{row}.png"
+        heatmap(cells, clean, runs[0]["corruption_names"], paths[row],
+                f"{study.name}: {row} ({len(runs)} seeds), mean "
+                f"{100 * statistics.fmean(cells.values()):.1f}%")
+    return paths
 
 
 _ATTACK_ORDER = {f"after_{a}": i for i, a in enumerate(

@@ -10,6 +10,8 @@ A study file (YAML):
     seeds: [0, 1, 2]
     checkpoint: best.pt               # what is evaluated: best.pt, last.pt or avg.pt
     eval: {n_examples: 360, eps: 32/255, batch_size: 360}   # standard AutoAttack; or quick: pgd-20
+    # eval may add corruptions: DIR, a corrupted copy of the test set (`advgkl data corrupt`) or
+    # a released set, on which each run is scored too (advgkl eval --threat corruptions)
     rows:
       - {name: trades, overrides: [loss.method=trades, loss.beta=6]}
     teacher:                          # optional: a run the rows distil, trained first
@@ -39,13 +41,16 @@ from typing import Any
 from tqdm import tqdm
 
 from advgkl.config import ConfigError, load_config, parse_number, read_yaml
+from advgkl.data.corrupted import read_index
 from advgkl.errors import UserError
 from advgkl.evaluation.autoattack import check_eps
+from advgkl.evaluation.corruption_job import record_kind
+from advgkl.evaluation.corruptions import CORRUPTIONS
 from advgkl.runlog import read_metrics
 
 _KEYS = {"name", "base", "overrides", "seeds", "rows", "eval", "checkpoint", "teacher"}
 _TEACHER_KEYS = {"name", "overrides", "seed"}
-_EVAL_KEYS = {"n_examples", "eps", "norm", "batch_size", "quick", "sanity"}
+_EVAL_KEYS = {"n_examples", "eps", "norm", "batch_size", "quick", "sanity", "corruptions"}
 _CHECKPOINTS = ("best.pt", "last.pt", "avg.pt")
 _NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
@@ -105,6 +110,23 @@ class Study:
         return (args + (["--quick", ev["quick"]] if ev.get("quick") else [])
                 + (["--sanity", str(ev["sanity"])] if ev.get("sanity") else []))
 
+    def corruption_record(self, run: Run) -> Path | None:
+        """The detailed record of `run` on the study's corrupted set (None: none asked)."""
+        folder = self.eval.get("corruptions")
+        if not folder:
+            return None
+        index = read_index(folder)
+        kind = record_kind(index is None, index is not None and
+                           len(index["settings"]["corruptions"]) < len(CORRUPTIONS), "fp32")
+        stem = run.name + (".detailed.json" if kind == "standard" else f".{kind}.json")
+        return self.dir / "results" / run.dataset / "corruptions" / stem
+
+    def corruption_args(self, run: Run) -> list[str]:
+        return ["eval", str(self.run_dir(run) / self.checkpoint), "--threat", "corruptions",
+                "--corruptions-dir", str(self.eval["corruptions"]), "--batch-size",
+                str(self.eval["batch_size"]), "--out", str(self.dir / "results"), "--model-name",
+                run.name, "--state", str(self.run_dir(run) / "corruptions_state.json")]
+
 
 def _list(value: Any, what: str, kind: type) -> list:
     if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
@@ -128,6 +150,10 @@ def _eval_spec(tree: Any, where: str) -> dict[str, Any]:
             raise UserError(f"{where}: eval.{key} must be a positive integer")
     if not isinstance(spec.get("sanity", 0), int) or spec.get("sanity", 0) < 0:
         raise UserError(f"{where}: eval.sanity must be a number of points (0: no battery)")
+    if "corruptions" in spec:   # relative to the study file's folder, or to the current one
+        found = [p for p in (Path(where).parent / str(spec["corruptions"]),
+                             Path(str(spec["corruptions"]))) if p.is_dir()]
+        spec["corruptions"] = str(found[0].resolve() if found else Path(spec["corruptions"]))
     return spec
 
 
@@ -210,8 +236,10 @@ def _trained(study: Study, run: Run) -> bool:
 
 
 def run_state(study: Study, run: Run) -> str:
-    """done (evaluated), trained, started (a run folder) or new."""
-    if study.record(run).is_file():
+    """done (evaluated, on the corruptions too when asked), trained, started (a run folder) or
+    new."""
+    corrupted = study.corruption_record(run)
+    if study.record(run).is_file() and (corrupted is None or corrupted.is_file()):
         return "done"
     if _trained(study, run):
         return "trained"
@@ -250,8 +278,12 @@ def execute(study: Study, run: Run, env: dict[str, str] | None = None,
             return f"training failed (see {log})"
     if train_only:
         return "done"
-    if state != "done" and _advgkl(study.eval_args(run), log, env):
+    if not study.record(run).is_file() and _advgkl(study.eval_args(run), log, env):
         return f"evaluation failed (see {log})"
+    corrupted = study.corruption_record(run)
+    if corrupted is not None and not corrupted.is_file() and \
+            _advgkl(study.corruption_args(run), log, env):
+        return f"the corruption evaluation failed (see {log})"
     return "done"
 
 
@@ -284,6 +316,11 @@ def run_study(study: Study, jobs: int = 1, only: list[Run] | None = None) -> dic
     the CPU threads or to one GPU; returns the outcome of each run attempted."""
     import torch
 
+    corrupted = study.eval.get("corruptions")
+    if corrupted and not Path(corrupted).is_dir():
+        raise UserError(f"{study.path}: eval.corruptions: {corrupted} is not a folder of "
+                        "corrupted images; make one first, e.g. advgkl data corrupt --dataset "
+                        f"digits --out {corrupted}")
     todo = [r for r in (only or study.runs) if run_state(study, r) != "done"]
     study.dir.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, str] = {}
