@@ -63,7 +63,7 @@ _TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB}
 
 METRIC_FIELDS = ("epoch", "lr", "loss", "ce", "robust", "train_acc", "clean_acc", "robust_acc",
                  "eval_weights", "check_points", "eps", "attack_steps", "images_per_s", "seconds",
-                 "co_pgd_acc", "co_fgsm_acc", "co_event")
+                 "co_pgd_acc", "co_fgsm_acc", "co_distortion", "co_seconds", "co_event")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -151,7 +151,9 @@ class RunLog:
             points = [(e, 100 * float(r[key])) for e, r in zip(epochs, rows) if r.get(key)]
             if points:  # no check (eval.check=none): no clean / PGD curve
                 acc.plot(*zip(*points), marker=".", label=label)
-        for key, label in (("co_pgd_acc", "CO guard PGD"), ("co_fgsm_acc", "CO guard FGSM")):
+        for key, label in (("co_pgd_acc", "CO guard PGD (CE and margin)"),
+                           ("co_fgsm_acc", "CO guard FGSM"),
+                           ("co_distortion", "CO guard boundary distortion")):
             points = [(e, 100 * float(r[key])) for e, r in zip(epochs, rows) if r.get(key)]
             if points:
                 acc.plot(*zip(*points), marker="x", linestyle=":", label=label)

@@ -39,8 +39,13 @@ BASE = {"data": {"dataset": "cifar10", "augment": "none", "num_workers": 0},
         "eval": {"check": "none"}}
 
 
-def _clamp(x, lower, upper):  # their utils.clamp
-    return torch.max(torch.min(x, upper), lower)
+def _clamp(x, lower, upper):
+    """Their utils.clamp, max(min(x, upper), lower), with the rule at a tie of their pinned torch
+    1.4.0 made explicit: there x gets no gradient (today's torch.max / min split a tie, 0.5
+    each). The values are max(min(x, upper), lower)'s."""
+    upper, lower = (torch.as_tensor(b, dtype=x.dtype) for b in (upper, lower))
+    below = torch.where(x < upper, x, upper)
+    return torch.where(below > lower, below, lower)
 
 
 def _uniform_per_channel(x, radius):
@@ -95,7 +100,7 @@ def andriushchenko(model, batches, epochs, n, *, lam=0.2):
             lr = np.interp([epoch - 1 + (i + 1) / n], [0, epochs * 2 // 5, epochs], [0, 0.2, 0])[0]
             opt.param_groups[0].update(lr=lr)
             delta = torch.zeros_like(X, requires_grad=True)
-            loss = F.cross_entropy(model(torch.clamp(X + delta, 0, 1)), y)
+            loss = F.cross_entropy(model(_clamp(X + delta, 0, 1)), y)
             grad = torch.autograd.grad(loss, delta, create_graph=True)[0].detach()
             delta.data = torch.clamp(delta.data + 1.25 * EPS * torch.sign(grad), -EPS, EPS)
             delta.data = torch.clamp(X + delta.data, 0, 1) - X
@@ -306,3 +311,58 @@ def test_restarts_keep_each_point_s_strongest_perturbation(float64):
     assert torch.equal(ours, torch.stack([runs[k][i] for i, k in enumerate(pick.tolist())]))
     with pytest.raises(ConfigError, match="only pgd_at's attack has"):
         build_config({}, ["loss.method=trades", "attack.restarts=2", "awp.gamma=0"])
+
+
+class _TieClamp(torch.autograd.Function):
+    """clamp(z, lo, hi) whose gradient is `tie` where z sits exactly on a bound: the rules other
+    torch releases (or GradAlign's helper on today's torch) apply there."""
+
+    @staticmethod
+    def forward(ctx, z, lo, hi, tie):
+        ctx.save_for_backward(z)
+        ctx.bounds, ctx.tie = (lo, hi), tie
+        return z.detach().clamp_min(lo).clamp_max(hi) if lo is not None else z.clamp_max(hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        inside = (z > lo) & (z < hi)
+        at_bound = (z == lo) | (z == hi)
+        return grad * (inside.to(grad.dtype) + ctx.tie * at_bound.to(grad.dtype)), None, None, None
+
+
+@pytest.mark.parametrize("tie", [0.0, 0.5, 1.0])
+def test_grad_align_s_step_is_the_same_whatever_torch_s_clamp_does_at_a_bound(tie, monkeypatch):
+    """GradAlign's FGSM from x takes its gradient at pixels that sit on 0 or 1: the step and the
+    gradient it keeps are the same under every rule torch might apply there."""
+    from advgkl.attacks.single_step import SingleStepAttack
+
+    torch.manual_seed(0)
+    model = create_model("small-cnn", 10).eval()
+    x = torch.rand(6, 3, 16, 16)
+    x[:, 0, :4] = 1.0                    # saturated pixels, exactly on the bounds
+    x[:, 1, -4:] = 0.0
+    y = torch.arange(6)
+
+    def step():
+        attack = SingleStepAttack(eps=EPS, step_size=1.25 * EPS, kind="fgsm", objective="ce",
+                                  random_start="none", through_clamp=True)
+        return attack(model, x, y), attack.start_grad
+
+    reference = step()
+    original = torch.clamp
+
+    def swapped(z, min=None, max=None):
+        if z.requires_grad:
+            return _TieClamp.apply(z, min, max, tie)
+        return original(z, min, max)
+
+    monkeypatch.setattr(torch, "clamp", swapped)
+    monkeypatch.setattr(torch.Tensor, "clamp", swapped)
+    z = x.clone().requires_grad_(True)
+    torch.clamp(z, 0, 1).sum().backward()
+    assert torch.all(z.grad[x == 1] == tie)      # the swap is real: the rule at a tie is `tie`
+    again = step()
+    assert torch.equal(again[0], reference[0]) and torch.equal(again[1], reference[1])
+    assert torch.all(reference[1][x == 1] == 0)   # no gradient at saturated pixels

@@ -23,6 +23,16 @@ def _per_channel_uniform(x: Tensor, radius: float) -> Tensor:
     return delta
 
 
+def clamp_without_gradient_at_bounds(z: Tensor) -> Tensor:
+    """clamp(z, 0, 1) whose gradient is 1 strictly inside (0, 1) and 0 at and beyond the
+    bounds: what GradAlign's published runs computed through their clamp (max(min(z, 1), 0)
+    under their pinned torch 1.4.0), written as a mask so that no torch release's rule at a tie
+    (0 for today's torch.clamp, 0.5 for their helper on today's torch, 1 for some releases)
+    changes the step."""
+    inside = (z > 0) & (z < 1)
+    return torch.where(inside, z, z.detach().clamp(0, 1))
+
+
 def _into_image(delta: Tensor, x: Tensor) -> Tensor:
     """Clamp delta so that x + delta lies in [0, 1] (their clamp(delta, 0 - X, 1 - X))."""
     return torch.max(torch.min(delta, 1 - x), -x)
@@ -39,8 +49,9 @@ class SingleStepAttack(PGDAttack):
     then to [-clip, clip] when clip > 0. The gradient is of the attack objective (the model in
     train mode with `bn_train`, as the authors run it); the last call's gradient at its start
     stays in `start_grad` (GradAlign's first gradient). `through_clamp` (GradAlign's code) takes
-    it through clamp(x + delta, 0, 1), whose gradient PyTorch sets to 0 at saturated pixels, so
-    FGSM leaves them where they are."""
+    it through clamp(x + delta, 0, 1) with no gradient at saturated pixels
+    (`clamp_without_gradient_at_bounds`, the rule of their published runs), so FGSM leaves them
+    where they are."""
 
     steps: int = 1
     kind: str = "fgsm"
@@ -62,7 +73,8 @@ class SingleStepAttack(PGDAttack):
                  else torch.zeros_like(x))
         delta = _into_image(delta, x).requires_grad_(True)
         with torch.enable_grad():
-            x_start = (x + delta).clamp(0, 1) if self.through_clamp else x + delta
+            x_start = (clamp_without_gradient_at_bounds(x + delta) if self.through_clamp
+                       else x + delta)
             loss = self._loss(model(x_start), y, logits_nat, prior_rows)
             (grad,) = torch.autograd.grad(loss, [delta])
         self.start_grad = grad.detach()

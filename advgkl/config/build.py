@@ -2,10 +2,11 @@
 
 Every value is checked against its field's type, choices and range; a bad key or value raises
 `ConfigError` naming the dotted key and what is allowed. Each method keeps its own section,
-`loss.<method>` (see `advgkl.config.methods`); a flat `loss.<key>` means the key of the method named in
-the same place (the file's method for the file, the run's method on the command line), so a file's
-values never follow a method switched on the command line: the new method's published values
-apply. `advgkl config` prints the values the chosen method uses, and only those.
+`loss.<method>` (see `advgkl.config.methods`); a flat `loss.<key>` means the key of the method
+named in the same place (the file's method for the file, the run's method on the command line),
+so a file's values never follow a method switched on the command line: the new method's
+published values apply. `advgkl config` prints the values the chosen method uses, and only
+those.
 """
 
 from __future__ import annotations

@@ -75,8 +75,11 @@ class GradAlignSettings(Settings):
     eta ~ U(-eps, eps) unclamped, by double backprop; only the second gradient carries the
     regularizer's gradient (their code detaches the first), points with a zero gradient are left
     out (a batch without any: no regularizer, where their code gives NaN). Their FGSM gradient
-    goes through clamp(x + delta, 0, 1): zero at saturated pixels on today's PyTorch, which we
-    reproduce. Their epoch 0 (one batch forwarded, no update) is not run."""
+    goes through their clamp(x + delta, 0, 1) = max(min(., 1), 0): under their pinned torch 1.4.0
+    no gradient reaches saturated pixels (x + delta at 0 or 1), which we reproduce with an
+    explicit mask, the same on every torch release (today's torch.clamp also gives 0 there, their
+    helper on today's torch 0.5, some releases 1). Their epoch 0 (one batch forwarded, no update)
+    is not run."""
 
     reg_weight: float = opt(0.2, ge=0, doc="lambda (their grad_align_cos_lambda; 0.2 at 8/255, "
                             "2.0 at 16/255, sh/exps_diff_eps_cifar10.sh)")

@@ -226,15 +226,15 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_state(path: Path | None, settings: dict) -> dict:
+def load_state(path: Path | None, settings: dict, fresh: dict, what: str) -> dict:
+    """A resumable evaluation's state file, or `fresh` (with `settings`) when there is none; a
+    file made with other settings (`what` names them) is refused."""
     if path is None or not path.exists():
-        return {"settings": settings, "clean_flags": None, "robust_flags": None, "done": [],
-                "current": None, "check_flags": []}
+        return {"settings": settings, **fresh}
     state = json.loads(path.read_text())
     if state.get("settings") != settings:
         raise UserError(f"{path}: this state file belongs to an evaluation with other settings "
-                        "(model weights, points, eps, norm, attacks, seed or batch size); use "
-                        "another --state")
+                        f"({what}); use another --state")
     return state
 
 
@@ -295,7 +295,9 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
                 # the weights too: a state file never continues another model
                 "model": fingerprint(model.state_dict().items()),
                 "precision": precision}
-    state = _load_state(state_path, settings)
+    state = load_state(state_path, settings, {
+        "clean_flags": None, "robust_flags": None, "done": [], "current": None,
+        "check_flags": []}, "model weights, points, eps, norm, attacks, seed or batch size")
     if precision == "bf16":
         model = Bf16Model(model, device.type)
 

@@ -135,7 +135,7 @@ def run_corruption_job(job: EvalJob, threat: str) -> tuple[CorruptionResult, dic
         state_path=plan.state,
         first_index=plan.first, precision=job.precision, label=_label(board, kind),
         progress=not dist.is_initialized() or dist.get_rank() == 0)
-    base = _base(job, subject, kind, speed, device, folder, index, clean_points)
+    base = _base(subject, kind, speed, device, folder, index, clean_points)
     if plan.shard is None:
         write_records(result, base, paths, job.meta, subject.arch)
         return result, paths
@@ -145,7 +145,7 @@ def run_corruption_job(job: EvalJob, threat: str) -> tuple[CorruptionResult, dic
     return (merged or result, final) if torchrun else (result, paths)
 
 
-def _base(job: EvalJob, subject: Any, kind: str, speed: dict, device: torch.device,
+def _base(subject: Any, kind: str, speed: dict, device: torch.device,
           folder: Path, index: dict | None, clean_points: dict) -> dict[str, Any]:
     """What a record says besides the numbers."""
     data = {"corruptions_dir": str(folder), "released": index is None,

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from advgkl.data.corrupted import SEVERITIES
 from advgkl.data.tensors import Split
 from advgkl.errors import UserError
-from advgkl.evaluation.autoattack import Bf16Model, correct_clean, fingerprint, write_json
+from advgkl.evaluation.autoattack import (Bf16Model, correct_clean, fingerprint, load_state,
+                                          write_json)
 
 # RobustBench 1.1.1's lists, in its order (robustbench.data.CORRUPTIONS, CORRUPTIONS_3DCC).
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur",
@@ -173,17 +174,6 @@ def merge_corruption_results(results: list[CorruptionResult]) -> CorruptionResul
         first.first_index, first.precision, first.label)
 
 
-def _state(path: Path | None, settings: dict) -> dict:
-    if path is None or not path.exists():
-        return {"settings": settings, "clean": None, "cells": {}, "seconds": {}}
-    state = json.loads(path.read_text())
-    if state.get("settings") != settings:
-        raise UserError(f"{path}: this state file belongs to an evaluation with other settings "
-                        "(model weights, points, board, corruptions or data); use another "
-                        "--state")
-    return state
-
-
 def evaluate_corruptions(model: nn.Module, clean: Split, read_cell: Callable[[str, int], Split],
                          *, threat: str, dataset: str, corruptions: tuple[str, ...],
                          batch_size: int, device: torch.device, data_id: str,
@@ -202,7 +192,8 @@ def evaluate_corruptions(model: nn.Module, clean: Split, read_cell: Callable[[st
                 "precision": precision, "data": data_id,
                 "clean": fingerprint([("x", clean.images), ("y", clean.labels)]),
                 "model": fingerprint(model.state_dict().items())}
-    state = _state(state_path, settings)
+    state = load_state(state_path, settings, {"clean": None, "cells": {}, "seconds": {}},
+                       "model weights, points, board, corruptions or data")
     if precision == "bf16":
         model = Bf16Model(model, device.type)
 

@@ -28,6 +28,27 @@ def correct_under(model: nn.Module, x: Tensor, y: Tensor, attack, *, batch_size:
     return torch.cat(flags)
 
 
+def pgd(eps: float, steps: int, *, norm: str = "Linf", loss: str = "ce",
+        start: str = "uniform") -> PGDAttack:
+    """The quick checks' PGD: `steps` steps of 2.5 eps / steps on `loss` ("ce" or the CW
+    margin "cw") from `start`."""
+    return PGDAttack(eps=eps, step_size=2.5 * eps / steps, steps=steps, norm=norm,
+                     objective=loss, random_start=start)
+
+
+def reference_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str,
+                    steps: int, batch_size: int, device: torch.device | str
+                    ) -> tuple[Tensor, Tensor]:
+    """The reference attack of the sanity battery and the CO guard, per point: (still correct
+    under CE PGD-k, ... under both CE and CW-margin PGD-k). A margin loss is not blinded by a
+    saturated softmax, which masks CE's gradients (a collapsed or logit-scaled model)."""
+    ce = correct_under(model, x, y, pgd(eps, steps, norm=norm), batch_size=batch_size,
+                       device=device)
+    margin = correct_under(model, x, y, pgd(eps, steps, norm=norm, loss="cw"),
+                           batch_size=batch_size, device=device)
+    return ce, ce & margin
+
+
 def evaluate_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "Linf",
                  steps: int = 20, loss: str = "ce", batch_size: int = 500,
                  device: torch.device | str | None = None, progress: bool = True,
@@ -37,8 +58,7 @@ def evaluate_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
     check_eps(eps, norm)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    attack = PGDAttack(eps=eps, step_size=2.5 * eps / steps, steps=steps, norm=norm,
-                       objective=loss, random_start="uniform")
+    attack = pgd(eps, steps, norm=norm, loss=loss)
     name = f"{'pgd' if loss == 'ce' else 'cw'}-{steps}"
     start = time.perf_counter()
     clean = correct_clean(model, x, y, batch_size, device)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from advgkl.attacks.pgd import PGDAttack
 from advgkl.data.tensors import as_float
-from advgkl.evaluation.quick import correct_under
+from advgkl.evaluation.quick import correct_under, pgd, reference_flags
 from advgkl.rng import own_stream
 
 STEPS = 20                       # the reference PGD: 20 steps of 2.5 eps / 20, uniform start
@@ -105,28 +105,23 @@ def battery(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, nu
     began = time.perf_counter()
     unbounded = 1.0 if norm == "Linf" else math.sqrt(x[0].numel())
 
-    def pgd(size: float, steps: int = STEPS, start: str = "uniform", loss: str = "ce"
-            ) -> PGDAttack:
-        return PGDAttack(eps=size, step_size=2.5 * size / steps, steps=steps, norm=norm,
-                         objective=loss, random_start=start)
-
     def acc(attack) -> Tensor:
         return correct_under(model, x, y, attack, batch_size=batch_size, device=device)
 
     with own_stream(SEED, device):
-        reference = acc(pgd(eps))
-        sweep = {m: (reference if m == 1.0 else acc(pgd(m * eps))).float().mean().item()
-                 for m in SWEEP}
-        sweep_unbounded = acc(pgd(unbounded, start="none")).float().mean().item()
+        reference, with_cw = reference_flags(model, x, y, eps=eps, norm=norm, steps=STEPS,
+                                             batch_size=batch_size, device=device)
+        sweep = {m: (reference if m == 1.0 else acc(pgd(m * eps, STEPS, norm=norm))
+                     ).float().mean().item() for m in SWEEP}
+        sweep_unbounded = acc(pgd(unbounded, STEPS, norm=norm, start="none")).float().mean().item()
         fgsm = acc(PGDAttack(eps=eps, step_size=eps, steps=1, norm=norm, objective="ce",
                              random_start="none")).float().mean().item()
         more = reference.clone()
         for _ in range(2):  # twice the steps, two restarts: the per-point worst case
-            more &= acc(pgd(eps, 2 * STEPS))
+            more &= acc(pgd(eps, 2 * STEPS, norm=norm))
         noise = reference.new_ones(len(y))
         for _ in range(NOISE_DRAWS):
             noise &= acc(_noise(eps, norm))
-        with_cw = reference & acc(pgd(eps, loss="cw"))
     p = sweep[1.0]
     accs = [sweep[m] for m in SWEEP] + [sweep_unbounded]
     rises = max(b - a for a, b in zip(accs, accs[1:]))

@@ -70,8 +70,10 @@ def co_guard_summary(state: dict[str, Any] | None) -> str | None:
     if events:
         text += " at epoch(s) " + ", ".join(str(e["epoch"]) for e in events)
     if state.get("stopped_at"):
-        text += (f"; training STOPPED at epoch {state['stopped_at']}, these are the weights of "
-                 f"epoch {state['good_epoch']}")
+        text += f"; training STOPPED at epoch {state['stopped_at']}, these are the weights of "
+        text += (f"epoch {state['best_epoch']}, the one the guard rated best (robust "
+                 f"{100 * state['best']:.1f}% under CE and margin PGD on its validation points)"
+                 if state.get("best_epoch") else f"epoch {state['good_epoch']}")
     if state.get("rollbacks"):
         text += f"; {state['rollbacks']} rollback(s), lr scaled by {state['lr_scale']:g}"
     return text

@@ -2,8 +2,8 @@
 {"loss", "ce", "robust"}; the trainer backpropagates "loss" and logs the rest (ce: the clean CE on
 the labels, logged even where it is not trained on; robust: the method's other terms).
 
-The adversarial-training objectives live here, the distillation ones in `advgkl.methods.distill`; the
-maths are the pure functions of `advgkl.losses.functional`.
+The adversarial-training objectives live here, the distillation ones in
+`advgkl.methods.distill`; the maths are the pure functions of `advgkl.losses`.
 """
 
 from __future__ import annotations

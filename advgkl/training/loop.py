@@ -1,18 +1,18 @@
 """Adversarial training: one plain loop (`train`), read top to bottom.
 
-Per step (`advgkl.training.step.TrainStep`): attack (the method's own; clean logits cached) -> clean and
-adversarial forward (train mode) -> objective dict -> backward -> optimizer step (inside an AWP
-perturbation when active) -> class-prior update -> weight-EMA update; a distillation method's
-frozen teacher (`advgkl.methods.teacher`) is loaded and checked before the run folder exists. On CUDA the
-forward passes can run in bf16 autocast, channels_last and compiled; evaluation always runs in
-fp32.
+Per step (`advgkl.training.step.TrainStep`): attack (the method's own; clean logits cached) ->
+clean and adversarial forward (train mode) -> objective dict -> backward -> optimizer step
+(inside an AWP perturbation when active) -> class-prior update -> weight-EMA update; a
+distillation method's frozen teacher (`advgkl.methods.teacher`) is loaded and checked before the
+run folder exists. On CUDA the forward passes can run in bf16 autocast, channels_last and
+compiled; evaluation always runs in fp32.
 Per epoch: the class prior's new rows, the epoch average (the authors' final step), clean and
 PGD accuracy on the check points (a validation split of the training set by default) and
-`best.pt` by it, the catastrophic-overfitting guard (`advgkl.training.co_guard`: warn, stop with the last
-good weights, or roll back and redo the epoch at half the lr), `avg.pt`, `epoch-NNN.pt` when
-asked, `last.pt` (atomic, written last), a metrics row, the curves. `resume=True` continues
-bit-exactly from `last.pt`. A run that fails before its first checkpoint removes the folder it
-created.
+`best.pt` by it, the catastrophic-overfitting guard (`advgkl.training.co_guard`: warn, stop
+with the weights it rated best, or roll back to them and go on at half the lr), `avg.pt`,
+`epoch-NNN.pt` when asked, `last.pt` (atomic, written last), a metrics row, the curves.
+`resume=True` continues bit-exactly from `last.pt`. A run that fails before its first checkpoint
+removes the folder it created.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from advgkl.methods.teacher import Teacher, load_teacher
 from advgkl.rng import seed_everything
 from advgkl.runlog import RunLog, check_trackers
 from advgkl.training.build import build_attack, build_model, check_batch_split, resolve_device
+from advgkl.training.co_guard import BEST as CO_BEST
 from advgkl.training.co_guard import COGuard, guard_mode
 from advgkl.training.init_weights import load_init
 from advgkl.training.schedules import cyclic_momentum, learning_rate, peak_lr
@@ -165,7 +166,8 @@ def _run(cfg: Config, run_dir: Path, parts: TrainStep, data: TrainData, ckpt: di
         guard.load_state_dict(ckpt["co_guard"])
     if guard is not None and guard.state.stopped_at:
         log.log(f"the CO guard stopped this run at epoch {guard.state.stopped_at}; nothing to "
-                f"resume (the final model is epoch {guard.state.good_epoch}'s)")
+                f"resume (the final model is epoch "
+                f"{guard.state.best_epoch or guard.state.good_epoch}'s)")
         return {}
     metrics: dict[str, Any] = dict(ckpt["metrics"]) if ckpt is not None else {}
     epoch = start_epoch
@@ -237,12 +239,15 @@ def _guard(cfg: Config, check: Split | None, log: RunLog) -> COGuard | None:
     if mode == "off":
         return None
     n = min(t.co_guard_points, len(check.labels))
-    log.log(f"CO guard: {mode}; PGD-{t.co_guard_steps} and FGSM at eps {cfg.attack.eps:.4g} on "
-            f"{n} validation points after each epoch")
-    return COGuard(mode, check.images[:n], check.labels[:n], eps=cfg.attack.eps,
+    guard = COGuard(mode, check.images[:n], check.labels[:n], eps=cfg.attack.eps,
                    steps=t.co_guard_steps, drop=t.co_guard_drop, fraction=t.co_guard_fraction,
                    min_drop=t.co_guard_min_drop, rollbacks=t.co_guard_rollbacks,
                    batch_size=cfg.eval.batch_size)
+    log.log(f"CO guard: {mode}; after each epoch the worst of CE and margin PGD-"
+            f"{t.co_guard_steps} (the sanity battery's reference attack) and FGSM at eps "
+            f"{cfg.attack.eps:.4g} on {n} validation points, with the boundary distortion along "
+            f"FGSM; cost {guard.cost()} (its seconds per epoch: co_seconds in metrics.csv)")
+    return guard
 
 
 def _train_epoch(cfg: Config, parts: TrainStep, loader: Iterable, attack: PGDAttack, epoch: int,
@@ -306,8 +311,8 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
                per_rank: list[dict] | None) -> tuple[float, str]:
     """The checks, the files and the logs of a finished epoch (rank 0); returns the best robust
     accuracy so far and the CO guard's action. Side files first, last.pt last: a kill in between
-    redoes the epoch. An epoch the guard stops or rolls back writes no weights: last.pt keeps the
-    last good epoch's, with the guard's new state."""
+    redoes the epoch. An epoch the guard stops or rolls back writes no weights: last.pt becomes
+    the state of the epoch the guard rated best, with the guard's new state."""
     is_best, selection, note, action = False, None, "", ""
     if check is not None:
         module, weights = _check_weights(cfg, parts)
@@ -332,13 +337,12 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
     ckpt = run_state(cfg, parts, teacher=teacher, guard=guard, epoch=epoch, step=step, best=best,
                      metrics=metrics, selection=selection, per_rank=per_rank, log_line=line)
     if action in ("stop", "rollback"):  # the guard's state first: a kill after it resumes it
-        for name in ("last.pt", "best.pt", "avg.pt") if action == "stop" else ("last.pt",):
-            if (run_dir / name).exists():
-                kept = load_checkpoint(run_dir / name, map_location="cpu")
-                save_checkpoint(run_dir / name, {**kept, "co_guard": guard.state_dict()})
+        _keep_guard_best(run_dir, guard, action)
         _log_epoch(log, metrics, step, line, final=action == "stop")
         log.log(guard.message(epoch))
         return best, action
+    if guard is not None and guard.state.best_epoch == epoch:   # before last.pt, as side files
+        save_checkpoint(run_dir / CO_BEST, ckpt)
     if cfg.train.save_every and epoch % cfg.train.save_every == 0:
         save_checkpoint(run_dir / f"epoch-{epoch:03d}.pt", model_checkpoint(
             parts.model.state_dict(), arch=arch, num_classes=num_classes, arch_kwargs=kwargs,
@@ -359,10 +363,27 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
     return best, action
 
 
+def _keep_guard_best(run_dir: Path, guard: COGuard, action: str) -> None:
+    """last.pt becomes the state of the epoch the guard rated best (co_best.pt; a run from
+    before it keeps its last good epoch's) with the guard's new state; a stop writes that state
+    into best.pt and avg.pt too."""
+    state = guard.state_dict()
+    source = run_dir / CO_BEST if (run_dir / CO_BEST).exists() else run_dir / "last.pt"
+    kept = load_checkpoint(source, map_location="cpu")
+    save_checkpoint(run_dir / "last.pt", {**kept, "co_guard": state})
+    for name in ("best.pt", "avg.pt") if action == "stop" else ():
+        if (run_dir / name).exists():
+            kept = load_checkpoint(run_dir / name, map_location="cpu")
+            save_checkpoint(run_dir / name, {**kept, "co_guard": state})
+
+
 def _epoch_line(metrics: dict[str, Any], note: str) -> str:
     """The train.log line of a finished epoch (kept in last.pt, so a resume can write it)."""
-    guard = (f", CO guard PGD {100 * metrics['co_pgd_acc']:.1f}% FGSM "
-             f"{100 * metrics['co_fgsm_acc']:.1f}%" if "co_pgd_acc" in metrics else "")
+    distortion = metrics.get("co_distortion")
+    guard = (f", CO guard PGD (CE and margin) {100 * metrics['co_pgd_acc']:.1f}% FGSM "
+             f"{100 * metrics['co_fgsm_acc']:.1f}%" + (
+                 "" if distortion is None else f" distortion {100 * distortion:.1f}%")
+             if "co_pgd_acc" in metrics else "")
     return (f"epoch {metrics['epoch']}: loss {metrics['loss']:.4f}, train "
             f"{100 * metrics['train_acc']:.2f}%{note}{guard}, {metrics['images_per_s']:.0f} img/s")
 
