@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from helpers import kill_when
+from torch import nn
 
 import advgkl.training.loop as train_mod
 from advgkl.checkpoint import load_checkpoint

@@ -137,7 +137,8 @@ def test_a_teacher_is_trained_first_then_distilled_and_has_its_own_row(tmp_path)
                          "rslad-s0.generated-partial.json").read_text())
     assert float(runs["rslad-s0"]["corruptions_acc"]) == record["corruptions_acc"]
     assert runs["rslad-s0"]["worst_corruption"] == record["worst_corruption"]["corruption"]
-    assert "corruptions (mean)" in (tmp_path / "studies" / "tiny" / "summary.md").read_text()
+    summary_md = (tmp_path / "studies" / "tiny" / "summary.md").read_text()
+    assert "corruptions (mean)" in summary_md and "Corruptions: digits-C (see" in summary_md
     assert (tmp_path / "studies" / "tiny" / "corruptions_rslad.png").stat().st_size > 0
 
 

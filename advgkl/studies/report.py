@@ -153,8 +153,8 @@ def write_report(study: Study) -> Path:
     lines += ["", "![robust vs clean](robust_vs_clean.png) ![per class](per_class.png) "
               "![curves](curves.png)", ""]
     if corrupted:
-        lines += [f"Corruptions: {study.eval['corruptions']} (see its index.json); accuracy per "
-                  "corruption and severity, mean over seeds, per row:", "",
+        lines += [f"Corruptions: {_shown(Path(study.eval['corruptions']))} (see its index.json); "
+                  "accuracy per corruption and severity, mean over seeds, per row:", "",
                   " ".join(f"![{row}]({path.name})" for row, path in
                            _corruption_heatmaps(study, done).items()), ""]
     (study.dir / "summary.md").write_text("\n".join(lines))
@@ -176,6 +176,14 @@ def _run_notes(study: Study, done: dict[str, dict[str, Any]]) -> list[str]:
     if notes:
         lines += ["", "Per run (CO guard events; sanity checks flagged):", "", *notes]
     return lines
+
+
+def _shown(path: Path) -> str:
+    """A path as the summary shows it: relative to the current folder when it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
 
 
 def _corruption_heatmaps(study: Study, done: dict[str, dict[str, Any]]) -> dict[str, Path]:
