@@ -365,8 +365,8 @@ def _end_epoch(cfg: Config, run_dir: Path, parts: TrainStep, check: Split | None
 
 def _keep_guard_best(run_dir: Path, guard: COGuard, action: str) -> None:
     """last.pt becomes the state of the epoch the guard rated best (co_best.pt; a run from
-    before it keeps its last good epoch's) with the guard's new state; a stop writes that state
-    into best.pt and avg.pt too."""
+    before it keeps its last good epoch's) with the guard's new state; a stop writes the guard's
+    new state into best.pt and avg.pt too (their weights stay)."""
     state = guard.state_dict()
     source = run_dir / CO_BEST if (run_dir / CO_BEST).exists() else run_dir / "last.pt"
     kept = load_checkpoint(source, map_location="cpu")
