@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import time
 import uuid
 from pathlib import Path
@@ -66,13 +67,16 @@ METRIC_FIELDS = ("epoch", "lr", "loss", "ce", "robust", "train_acc", "clean_acc"
                  "co_pgd_acc", "co_fgsm_acc", "co_distortion", "co_seconds", "co_event")
 
 
+def _complete(path: Path) -> bytes:
+    """The file's whole lines: a line that a kill cut short (or a write under way) is left out."""
+    text = path.read_bytes() if path.exists() else b""
+    return text[:text.rfind(b"\n") + 1]
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    """The rows of RUN/metrics.csv (none when it does not exist yet)."""
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """The complete rows of RUN/metrics.csv (none when it does not exist yet)."""
+    return list(csv.DictReader(io.StringIO(_complete(run_dir / "metrics.csv").decode(),
+                                           newline="")))
 
 
 class RunLog:
@@ -116,18 +120,22 @@ class RunLog:
         return [int(row["epoch"]) for row in read_metrics(self.run_dir)]
 
     def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append `row` in one write. A file that a kill left without its header (created, not
+        yet written) starts again; a last line cut short is dropped first."""
         if not self.write:
             return
-        new = not self.metrics_path.exists()
-        fields = METRIC_FIELDS
-        if not new:  # a run from an older version keeps its own columns
-            with open(self.metrics_path, newline="") as f:
-                fields = tuple(next(csv.reader(f), METRIC_FIELDS))
+        complete = _complete(self.metrics_path)
+        if self.metrics_path.exists() and complete != self.metrics_path.read_bytes():
+            self.metrics_path.write_bytes(complete)
+        # a run from an older version keeps its own columns
+        fields = tuple(next(csv.reader(io.StringIO(complete.decode())), METRIC_FIELDS))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+        if not complete:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in fields})
         with open(self.metrics_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in fields})
+            f.write(text.getvalue())
 
     def plot(self, *, final: bool = False) -> None:
         """Accuracies and losses per epoch, from metrics.csv, into curves.png: always for the

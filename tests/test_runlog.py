@@ -83,3 +83,25 @@ def test_curves_are_redrawn_at_most_every_few_seconds_and_always_at_the_end(tmp_
     assert (tmp_path / "curves.png").stat().st_mtime_ns == drawn
     log.plot(final=True)                                 # the run's last epoch: always
     assert (tmp_path / "curves.png").stat().st_mtime_ns > drawn
+
+
+@pytest.mark.parametrize("left", ["", "epoch,lr,lo", "HEADER\r\n1,0.1,0.9"])
+def test_a_metrics_file_a_kill_left_half_written_is_read_and_continued_whole(tmp_path, left):
+    """A kill can leave metrics.csv created but unwritten, or its last line cut short: the cut
+    line is not a row, and the next row is appended after the whole lines, under a header."""
+    header = ",".join(runlog.METRIC_FIELDS)
+    (tmp_path / "metrics.csv").write_bytes(left.replace("HEADER", header).encode())
+    log = runlog.RunLog(tmp_path, echo=False)
+    assert log.logged_epochs() == []
+    log.append_metrics({"epoch": 1, "loss": 0.5})
+    log.append_metrics({"epoch": 2, "loss": 0.25})
+    rows = runlog.read_metrics(tmp_path)
+    assert [(r["epoch"], r["loss"]) for r in rows] == [("1", "0.5"), ("2", "0.25")]
+    lines = (tmp_path / "metrics.csv").read_bytes().split(b"\r\n")
+    assert lines[0].decode() == header and lines[-1] == b"" and len(lines) == 4
+
+
+def test_an_older_runs_metrics_keep_their_own_columns(tmp_path):
+    (tmp_path / "metrics.csv").write_bytes(b"epoch,loss\r\n1,0.5\r\n")
+    runlog.RunLog(tmp_path, echo=False).append_metrics({"epoch": 2, "loss": 0.25, "lr": 0.1})
+    assert (tmp_path / "metrics.csv").read_bytes() == b"epoch,loss\r\n1,0.5\r\n2,0.25\r\n"
