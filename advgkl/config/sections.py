@@ -199,10 +199,10 @@ class TrainConfig:
     save_every: int = opt(0, ge=0, doc="keep epoch-NNN.pt (the model's weights) every N epochs; "
                           "0: none")
     co_guard: str = opt("auto", choices=CO_GUARD_MODES,
-                        doc="catastrophic-overfitting guard after each epoch (PGD and FGSM on "
-                        "validation points): off, warn, stop (keep the last good epoch) or "
-                        "rollback (redo the epoch at half the lr); auto: stop for single-step "
-                        "training with eval.check=val, else off")
+                        doc="catastrophic-overfitting guard after each epoch (CE and margin "
+                        "PGD, FGSM on validation points): off, warn, stop (keep the epoch it "
+                        "rated best) or rollback (restore that epoch and go on at half the lr); "
+                        "auto: stop for single-step training with eval.check=val, else off")
     co_guard_points: int = opt(512, ge=1, doc="validation points the guard attacks")
     co_guard_steps: int = opt(10, ge=1, doc="the guard's PGD steps (2.5 eps / steps each)")
     co_guard_drop: float = opt(0.2, gt=0, le=1, doc="catastrophic: PGD accuracy falls by more "
