@@ -56,13 +56,14 @@ def import_robustbench() -> ModuleType:
         return importlib.import_module("robustbench")
 
 
-class _NumpyWithFloat_:
-    """numpy, with the `float_` alias NumPy 2.0 removed (= float64), for one module's globals."""
+class _ModuleWith:
+    """`module` as one module's globals see it, with `names` given back or replaced."""
+
+    def __init__(self, module: Any, **names: Any) -> None:
+        self._module, self._names = module, names
 
     def __getattr__(self, name: str) -> Any:
-        import numpy
-
-        return numpy.float64 if name == "float_" else getattr(numpy, name)
+        return self._names[name] if name in self._names else getattr(self._module, name)
 
 
 def _gaussian(image: Any, sigma: Any = 1, multichannel: bool | None = None, **kw: Any) -> Any:
@@ -74,27 +75,12 @@ def _gaussian(image: Any, sigma: Any = 1, multichannel: bool | None = None, **kw
     return gaussian(image, sigma=sigma, **kw)
 
 
-class _SkimageSeededNoise:
-    """skimage, whose util.random_noise takes its seed from NumPy's global stream."""
+def _seeded_random_noise(image: Any, **kw: Any) -> Any:
+    """scikit-image's random_noise, seeded from NumPy's global stream."""
+    import numpy
+    import skimage.util
 
-    def __getattr__(self, name: str) -> Any:
-        import skimage
-
-        return _SeededUtil() if name == "util" else getattr(skimage, name)
-
-
-class _SeededUtil:
-    def __getattr__(self, name: str) -> Any:
-        import skimage.util
-
-        return getattr(skimage.util, name)
-
-    @staticmethod
-    def random_noise(image: Any, **kw: Any) -> Any:
-        import numpy
-        import skimage.util
-
-        return skimage.util.random_noise(image, rng=numpy.random.randint(2 ** 31), **kw)
+    return skimage.util.random_noise(image, rng=numpy.random.randint(2 ** 31), **kw)
 
 
 def import_imagecorruptions() -> ModuleType:
@@ -110,8 +96,13 @@ def import_imagecorruptions() -> ModuleType:
                         "pip install 'advgkl[corruptions]'") from None
     corruptions = module.corruptions
     if not getattr(corruptions, "_advgkl_compat", False):
-        corruptions.np = _NumpyWithFloat_()
-        corruptions.sk = _SkimageSeededNoise()
+        import numpy
+        import skimage
+        import skimage.util
+
+        corruptions.np = _ModuleWith(numpy, float_=numpy.float64)
+        corruptions.sk = _ModuleWith(skimage, util=_ModuleWith(
+            skimage.util, random_noise=_seeded_random_noise))
         corruptions.gaussian = _gaussian
         corruptions._advgkl_compat = True
     return module

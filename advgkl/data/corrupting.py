@@ -23,7 +23,6 @@ import os
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -109,12 +108,6 @@ def _memory_set(dataset: str, root: str, n: int | None) -> tuple[torch.Tensor, t
     if n > len(test.labels):
         raise UserError(f"--n {n} is more than the {len(test.labels)} test images of {dataset}")
     return test.images[:n], test.labels[:n]
-
-
-def _cells(corruptions: list[str]) -> Iterator[tuple[int, str, int]]:
-    for k, corruption in enumerate(corruptions):
-        for severity in SEVERITIES:
-            yield k, corruption, severity
 
 
 def corrupt_dataset(*, dataset: str, root: str, out: str | Path, corruptions: list[str],

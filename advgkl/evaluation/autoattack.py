@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -365,20 +365,26 @@ def evaluate_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
         labels=y.tolist(), precision=precision)
 
 
-def merge_results(results: Sequence[EvalResult]) -> EvalResult:
-    """The union of shard results over contiguous point ranges: counts are added, flags joined."""
+def in_point_order(results: Sequence[Any], settings: Callable[[Any], tuple]) -> list[Any]:
+    """Shard results (each with `first_index` and `n_examples`) in point order; refused unless
+    they share `settings(result)` and their point ranges join up."""
     if not results:
         raise UserError("nothing to merge")
     results = sorted(results, key=lambda r: r.first_index)
-    first = results[0]
-    for r in results:
-        if (r.eps, r.norm, r.version, r.attacks, r.seed, r.label) != (
-                first.eps, first.norm, first.version, first.attacks, first.seed, first.label):
-            raise UserError("shards were evaluated with different settings; they cannot merge")
+    if len({settings(r) for r in results}) > 1:
+        raise UserError("shards were evaluated with different settings; they cannot merge")
     for a, b in zip(results, results[1:]):
         if a.first_index + a.n_examples != b.first_index:
             raise UserError(f"shards are not contiguous: points {a.first_index}.."
                             f"{a.first_index + a.n_examples - 1} then {b.first_index}..")
+    return results
+
+
+def merge_results(results: Sequence[EvalResult]) -> EvalResult:
+    """The union of shard results over contiguous point ranges: counts are added, flags joined."""
+    results = in_point_order(results, lambda r: (r.eps, r.norm, r.version, tuple(r.attacks),
+                                                 r.seed, r.label))
+    first = results[0]
     per_attack = [{"attack": name,
                    "robust": sum(next(p["robust"] for p in r.per_attack if p["attack"] == name)
                                  for r in results),

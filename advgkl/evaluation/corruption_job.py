@@ -29,7 +29,8 @@ from advgkl.evaluation.corruption_records import write_records
 from advgkl.evaluation.corruptions import (Board, CorruptionResult, board_for, choose_corruptions,
                                            evaluate_corruptions, merge_corruption_results)
 from advgkl.evaluation.job import (EvalJob, check_job, finish_shard, load_subject, plan_shard,
-                                   read_record, read_test_points, refuse_existing, resolve_device)
+                                   read_shard_records, read_test_points, refuse_existing,
+                                   resolve_device)
 from advgkl.evaluation.speed import speed_up
 from advgkl.machine import describe_machine
 
@@ -137,7 +138,7 @@ def run_corruption_job(job: EvalJob, threat: str) -> tuple[CorruptionResult, dic
         progress=not dist.is_initialized() or dist.get_rank() == 0)
     base = _base(subject, kind, speed, device, folder, index, clean_points)
     if plan.shard is None:
-        write_records(result, base, paths, job.meta, subject.arch)
+        write_records(result, base, paths, job.meta)
         return result, paths
     torchrun = dist.is_initialized()
     merged = finish_shard(plan, {**base, "result": result.to_dict(), "first_index": plan.first},
@@ -163,10 +164,8 @@ def _base(subject: Any, kind: str, speed: dict, device: torch.device,
 def merge_files(files: list[Path], paths: dict[str, Path],
                 meta: dict[str, Any]) -> CorruptionResult:
     """Merge shard records of one corruption evaluation into its final records."""
-    records = [read_record(Path(f)) for f in files]
-    if len({r["checkpoint_sha256"] for r in records}) > 1:
-        raise UserError("the shards evaluated different checkpoints; they cannot merge")
+    records = read_shard_records(files)
     result = merge_corruption_results([CorruptionResult.from_dict(r["result"]) for r in records])
     base = {k: v for k, v in records[0].items() if k not in ("result", "first_index")}
-    write_records(result, base, paths, meta, base["architecture"])
+    write_records(result, base, paths, meta)
     return result

@@ -118,7 +118,7 @@ def cell_accuracies(result: CorruptionResult) -> dict[str, float]:
 
 
 def write_records(result: CorruptionResult, base: Mapping[str, Any], paths: dict[str, Path],
-                  meta: Mapping[str, Any], arch: str) -> dict[str, Any]:
+                  meta: Mapping[str, Any]) -> dict[str, Any]:
     """The detailed record (+ CSV and heatmap) and, for a standard evaluation, the model_info."""
     detailed = detailed_record(result, base)
     write_new(paths["detailed"], json.dumps(detailed, indent=2) + "\n")
@@ -128,8 +128,8 @@ def write_records(result: CorruptionResult, base: Mapping[str, Any], paths: dict
             f"{paths['detailed'].name}{standard}\nclean {100 * result.clean_acc:.1f}%, mean "
             f"over the cells {100 * result.corruptions_acc:.1f}%")
     if "info" in paths:
-        write_new(paths["info"], json.dumps(model_info(result, arch=arch, meta=meta), indent=2)
-                  + "\n")
+        info = model_info(result, arch=base["architecture"], meta=meta)
+        write_new(paths["info"], json.dumps(info, indent=2) + "\n")
     return detailed
 
 

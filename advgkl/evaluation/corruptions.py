@@ -22,8 +22,8 @@ from tqdm import tqdm
 from advgkl.data.corrupted import SEVERITIES
 from advgkl.data.tensors import Split
 from advgkl.errors import UserError
-from advgkl.evaluation.autoattack import (Bf16Model, correct_clean, fingerprint, load_state,
-                                          write_json)
+from advgkl.evaluation.autoattack import (Bf16Model, correct_clean, fingerprint, in_point_order,
+                                          load_state, write_json)
 
 # RobustBench 1.1.1's lists, in its order (robustbench.data.CORRUPTIONS, CORRUPTIONS_3DCC).
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur",
@@ -157,15 +157,9 @@ class CorruptionResult:
 
 def merge_corruption_results(results: list[CorruptionResult]) -> CorruptionResult:
     """The union of shard results over contiguous point ranges: every count is added."""
-    results = sorted(results, key=lambda r: r.first_index)
+    results = in_point_order(results, lambda r: (r.threat, r.dataset, tuple(r.corruptions),
+                                                 r.precision))
     first = results[0]
-    for a, b in zip(results, results[1:]):
-        if a.first_index + a.n_examples != b.first_index:
-            raise UserError(f"shards are not contiguous: points {a.first_index}.."
-                            f"{a.first_index + a.n_examples - 1} then {b.first_index}..")
-        if (a.threat, a.dataset, a.corruptions, a.precision) != (
-                b.threat, b.dataset, b.corruptions, b.precision):
-            raise UserError("shards were evaluated with different settings; they cannot merge")
     return CorruptionResult(
         first.threat, first.dataset, first.corruptions, sum(r.n_examples for r in results),
         sum(r.clean_correct for r in results),

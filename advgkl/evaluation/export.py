@@ -70,8 +70,9 @@ def export_submission(checkpoint: str | os.PathLike, eval_json: Any, out_dir: st
     paths = [Path(p) for p in (eval_json if isinstance(eval_json, list) else [eval_json])]
     records = [read_records(p) for p in paths]
     corruption = _check_boards(paths, [board_of(d) for _, d in records], threat)
+    sha256 = sha256_file(checkpoint)
     for path, (_, detailed) in zip(paths, records):
-        if detailed["checkpoint_sha256"] != sha256_file(checkpoint):
+        if detailed["checkpoint_sha256"] != sha256:
             raise UserError(f"{checkpoint} is not the checkpoint {path.name} evaluated "
                             "(sha256 differs)")
     info, detailed = records[0]

@@ -384,12 +384,19 @@ def read_record(path: Path) -> dict:
     return record
 
 
-def merge_shard_files(files: Sequence[Path], paths: dict[str, Path],
-                      meta: dict[str, Any]) -> EvalResult:
-    """Merge shard records (same checkpoint and settings) into the final records."""
+def read_shard_records(files: Sequence[Path]) -> list[dict]:
+    """The shard records of one evaluation, in point order; shards of different checkpoints
+    are refused."""
     records = sorted((read_record(Path(f)) for f in files), key=lambda r: r["first_index"])
     if len({r["checkpoint_sha256"] for r in records}) > 1:
         raise UserError("the shards evaluated different checkpoints; they cannot merge")
+    return records
+
+
+def merge_shard_files(files: Sequence[Path], paths: dict[str, Path],
+                      meta: dict[str, Any]) -> EvalResult:
+    """Merge shard records (same checkpoint and settings) into the final records."""
+    records = read_shard_records(files)
     result = merge_results([EvalResult.from_dict(r["result"]) for r in records])
     write_records(result, records[0], paths, meta)
     return result
