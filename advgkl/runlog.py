@@ -67,16 +67,17 @@ METRIC_FIELDS = ("epoch", "lr", "loss", "ce", "robust", "train_acc", "clean_acc"
                  "co_pgd_acc", "co_fgsm_acc", "co_distortion", "co_seconds", "co_event")
 
 
-def _complete(path: Path) -> bytes:
-    """The file's whole lines: a line that a kill cut short (or a write under way) is left out."""
+def _read(path: Path) -> tuple[bytes, bytes]:
+    """(the file's bytes, its whole lines): a line that a kill cut short (or a write under way)
+    is not among the whole lines; no file reads as empty."""
     text = path.read_bytes() if path.exists() else b""
-    return text[:text.rfind(b"\n") + 1]
+    return text, text[:text.rfind(b"\n") + 1]
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     """The complete rows of RUN/metrics.csv (none when it does not exist yet)."""
-    return list(csv.DictReader(io.StringIO(_complete(run_dir / "metrics.csv").decode(),
-                                           newline="")))
+    _, whole = _read(run_dir / "metrics.csv")
+    return list(csv.DictReader(io.StringIO(whole.decode(), newline="")))
 
 
 class RunLog:
@@ -124,8 +125,8 @@ class RunLog:
         yet written) starts again; a last line cut short is dropped first."""
         if not self.write:
             return
-        complete = _complete(self.metrics_path)
-        if self.metrics_path.exists() and complete != self.metrics_path.read_bytes():
+        text, complete = _read(self.metrics_path)
+        if complete != text:
             self.metrics_path.write_bytes(complete)
         # a run from an older version keeps its own columns
         fields = tuple(next(csv.reader(io.StringIO(complete.decode())), METRIC_FIELDS))
