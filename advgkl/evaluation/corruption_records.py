@@ -13,8 +13,9 @@ from typing import Any, Mapping
 
 from advgkl.data.corrupted import GENERATED_NOTE, SEVERITIES
 from advgkl.errors import UserError
+from advgkl.evaluation import leaderboard
 from advgkl.evaluation.corruptions import CorruptionResult, cell_key
-from advgkl.evaluation.leaderboard import architecture_name, write_new
+from advgkl.evaluation.leaderboard import info_head, write_new
 
 MCE_REFERENCE = ("AlexNet's cells from RobustBench's model_info/imagenet/corruptions/"
                  "unaggregated_results[_3d].csv (commit fe235fb)")
@@ -33,13 +34,8 @@ def percent(value: float) -> str:
 def model_info(result: CorruptionResult, *, arch: str, meta: Mapping[str, Any]) -> dict[str, Any]:
     """RobustBench's corruptions model_info (eps null; the mCE on ImageNet); metadata not given
     stays empty, never invented."""
-    info = {"link": meta.get("link") or "", "name": meta.get("name") or "",
-            "authors": meta.get("authors") or "",
-            "additional_data": bool(meta.get("additional_data", False)),
-            "number_forward_passes": 1, "dataset": result.dataset,
-            "venue": meta.get("venue") or "", "architecture": architecture_name(arch),
-            "eps": None, "clean_acc": percent(result.clean_acc),
-            "reported": meta.get("reported") or "",
+    info = {**info_head(meta, dataset=result.dataset, arch=arch, eps=None,
+                        clean_acc=percent(result.clean_acc)),
             ACC_FIELDS[result.threat]: percent(result.corruptions_acc)}
     mce = result.mce()
     if mce is not None:
@@ -134,11 +130,9 @@ def write_records(result: CorruptionResult, base: Mapping[str, Any], paths: dict
 
 
 def zoo_entry(name: str, constructor: str, dataset: str, preprocessing: str | None) -> str:
-    prep = f"    'preprocessing': '{preprocessing}',\n" if preprocessing else ""
-    return (f"# Add to robustbench/model_zoo/{dataset}.py, in the common_corruptions OrderedDict\n"
-            f"# (ThreatModel.corruptions; ImageNet-3DCC is scored from the same entry):\n"
-            f"('{name}', {{\n    'model': lambda: {constructor},\n"
-            f"    'gdrive_id': '<upload {name}.pt and put its file id here>',\n{prep}}}),\n")
+    return leaderboard.zoo_entry(name, constructor, dataset, preprocessing,
+                                 where="the common_corruptions OrderedDict\n# (ThreatModel."
+                                       "corruptions; ImageNet-3DCC is scored from the same entry)")
 
 
 def new_model_issue(info: Mapping[str, Any], records: list[Mapping[str, Any]]) -> str:

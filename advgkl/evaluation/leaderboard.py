@@ -36,18 +36,26 @@ def architecture_name(arch: str) -> str:
     return f"WideResNet-{match.group(1)}-{match.group(2)}" if match else display_name(arch)
 
 
+def info_head(meta: Mapping[str, Any], *, dataset: str, arch: str, eps: str | None,
+              clean_acc: str) -> dict[str, Any]:
+    """The fields every board's model_info opens with, in RobustBench's order; metadata not
+    given stays empty, never invented."""
+    return {"link": meta.get("link") or "", "name": meta.get("name") or "",
+            "authors": meta.get("authors") or "",
+            "additional_data": bool(meta.get("additional_data", False)),
+            "number_forward_passes": 1, "dataset": dataset, "venue": meta.get("venue") or "",
+            "architecture": architecture_name(arch), "eps": eps, "clean_acc": clean_acc,
+            "reported": meta.get("reported") or ""}
+
+
 def model_info(result: EvalResult, *, dataset: str, arch: str,
                meta: Mapping[str, Any]) -> dict[str, Any]:
     """RobustBench's model_info record; metadata not given stays empty, never invented."""
     if not result.standard:
         raise UserError(f"{result.label} is not standard AutoAttack; RobustBench's model_info "
                         "needs version standard")
-    info = {"link": meta.get("link") or "", "name": meta.get("name") or "",
-            "authors": meta.get("authors") or "",
-            "additional_data": bool(meta.get("additional_data", False)),
-            "number_forward_passes": 1, "dataset": dataset, "venue": meta.get("venue") or "",
-            "architecture": architecture_name(arch), "eps": eps_text(result.eps, result.norm),
-            "clean_acc": f"{100 * result.clean_acc:.2f}", "reported": meta.get("reported") or "",
+    info = {**info_head(meta, dataset=dataset, arch=arch, eps=eps_text(result.eps, result.norm),
+                        clean_acc=f"{100 * result.clean_acc:.2f}"),
             "autoattack_acc": f"{100 * result.robust_acc:.2f}",
             "footnote": meta.get("footnote") or ""}
     if dataset == "imagenet":   # the ImageNet board's records add `unreliable`, footnote optional
@@ -91,9 +99,11 @@ def write_new(path: Path, text: str) -> None:
                         "(nothing was overwritten)") from None
 
 
-def zoo_entry(name: str, constructor: str, dataset: str, preprocessing: str | None = None) -> str:
+def zoo_entry(name: str, constructor: str, dataset: str, preprocessing: str | None = None, *,
+              where: str = "the Linf (or L2) OrderedDict") -> str:
+    """The entry for RobustBench's model zoo file of `dataset`, to go `where`."""
     prep = f"    'preprocessing': '{preprocessing}',\n" if preprocessing else ""
-    return (f"# Add to robustbench/model_zoo/{dataset}.py, in the Linf (or L2) OrderedDict:\n"
+    return (f"# Add to robustbench/model_zoo/{dataset}.py, in {where}:\n"
             f"('{name}', {{\n    'model': lambda: {constructor},\n"
             f"    'gdrive_id': '<upload {name}.pt and put its file id here>',\n{prep}}}),\n")
 
