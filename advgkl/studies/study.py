@@ -44,7 +44,7 @@ from advgkl.config import ConfigError, load_config, parse_number, read_yaml
 from advgkl.data.corrupted import read_index
 from advgkl.errors import UserError
 from advgkl.evaluation.autoattack import check_eps
-from advgkl.evaluation.corruption_job import record_kind
+from advgkl.evaluation.corruption_job import output_paths, record_kind
 from advgkl.evaluation.corruptions import CORRUPTIONS
 from advgkl.runlog import read_metrics
 
@@ -118,8 +118,8 @@ class Study:
         index = read_index(folder)
         kind = record_kind(index is None, index is not None and
                            len(index["settings"]["corruptions"]) < len(CORRUPTIONS), "fp32")
-        stem = run.name + (".detailed.json" if kind == "standard" else f".{kind}.json")
-        return self.dir / "results" / run.dataset / "corruptions" / stem
+        return output_paths(self.dir / "results" / run.dataset / "corruptions", run.name, kind,
+                            None)["detailed"]
 
     def corruption_args(self, run: Run) -> list[str]:
         return ["eval", str(self.run_dir(run) / self.checkpoint), "--threat", "corruptions",
